@@ -1,0 +1,25 @@
+"""tether: constrained decoding (AWRS + SMC) and friends, next to vLLM.
+
+Public API:
+    Constraint, Regex, Grammar, JsonSchema, Choice, Predicate, ConstraintError
+"""
+
+from tether.constraints import (Choice, Constraint, Grammar, JsonSchema, Predicate, Regex,
+                                TokenVocab, vocab_for)
+from tether.errors import ConstraintError, TetherError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Choice", "Constraint", "ConstraintError", "Grammar", "JsonSchema", "Predicate", "Regex",
+    "TetherError", "TokenVocab", "vocab_for",
+]
+
+
+def __getattr__(name):
+    # The engine-side API imports vLLM (seconds); load it only when asked for.
+    if name in ("LLM", "Result", "generate"):
+        from tether.decode import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'tether' has no attribute {name!r}")

@@ -1,0 +1,127 @@
+"""The ``tether`` command line: models | generate (serve, transplant and calibrate to come)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from tether import models
+
+    if args.models_cmd == "list":
+        rows = models.describe()
+        print(f"{'name':<9} {'ready':<6} {'vocab':>7}  path")
+        for r in rows:
+            vocab = r["vocab_size"] if r["vocab_size"] is not None else "-"
+            mark = " (default)" if r["default"] else ""
+            print(f"{r['name']:<9} {('yes' if r['ready'] else 'no'):<6} {vocab:>7}  "
+                  f"{r['path']}{mark}")
+        return 0
+    names = args.names or list(models.REGISTRY)
+    unknown = [n for n in names if n not in models.REGISTRY]
+    if unknown:
+        print(f"unknown model(s): {', '.join(unknown)}; known: {', '.join(models.REGISTRY)}",
+              file=sys.stderr)
+        return 2
+    for name in names:
+        ready = models.is_ready(name)
+        path = models.prepare(name, progress=not args.quiet)
+        print(f"{name}: {'already prepared' if ready else 'prepared'} at {path}")
+    return 0
+
+
+def _read_constraint(args: argparse.Namespace):
+    from tether import Grammar, Regex
+
+    if args.schema:
+        text = Path(args.schema).read_text()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {args.schema} is not valid JSON: {e}")
+    if args.regex is not None:
+        return Regex(args.regex)
+    if args.grammar:
+        return Grammar(Path(args.grammar).read_text())
+    return None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from tether import ConstraintError
+    from tether.constraints import compile_constraint
+    from tether.models import resolve
+
+    spec = _read_constraint(args)
+    model = resolve(args.model)
+    if spec is not None:
+        try:  # fail on a bad spec before the engine starts
+            compile_constraint(spec, model)
+        except ConstraintError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    from tether.decode.llm import LLM
+
+    with LLM(model) as llm:
+        results = llm.generate([args.prompt] * args.n, spec, max_tokens=args.max_tokens,
+                               temperature=args.temperature, seed=args.seed,
+                               sampler=args.sampler,
+                               max_rejections=None if args.max_rejections == 0
+                               else args.max_rejections,
+                               chat=False if args.no_chat else None)
+    for r in results:
+        print(json.dumps(r.to_dict(), ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tether",
+        description="Constrained decoding (AWRS + SMC) and friends, next to vLLM.")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p_models = sub.add_parser("models", help="prepare and list the embedded models",
+                              description="The embedded models ship as GGUF files inside Python "
+                              "packages; `prepare` converts them into cached HF directories "
+                              "($TETHER_CACHE_DIR, else ~/.cache/tether).")
+    msub = p_models.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
+    p_prep = msub.add_parser("prepare", help="convert embedded models (no-op when ready)")
+    p_prep.add_argument("names", nargs="*", help="models to prepare (default: all)")
+    p_prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    msub.add_parser("list", help="name, readiness, vocabulary size and path of each model")
+    p_models.set_defaults(func=_cmd_models)
+
+    p_gen = sub.add_parser(
+        "generate", help="constrained generation; one JSON object per output line",
+        description="Generate under a JSON Schema, a regular expression or a Lark grammar with "
+        "AWRS inside vLLM. Each output line holds text, value (parsed when valid), "
+        "finish_reason (stop | length | constraint), log_weight and statistics.")
+    p_gen.add_argument("prompt", help="the prompt (a user message for chat models)")
+    p_gen.add_argument("--model", default=None,
+                       help="registered name, HF directory or hub id (default: smollm2)")
+    group = p_gen.add_mutually_exclusive_group()
+    group.add_argument("--schema", metavar="FILE", help="JSON Schema file")
+    group.add_argument("--regex", metavar="R", help="regular expression (Python regex syntax)")
+    group.add_argument("--grammar", metavar="FILE", help="Lark grammar file")
+    p_gen.add_argument("--max-tokens", type=int, default=256)
+    p_gen.add_argument("--temperature", type=float, default=1.0)
+    p_gen.add_argument("--seed", type=int, default=None, help="random if omitted")
+    p_gen.add_argument("--sampler", choices=["awrs", "lcd"], default="awrs",
+                       help="awrs: weighted rejection sampling; lcd: first accepted token")
+    p_gen.add_argument("--max-rejections", type=int, default=16, metavar="R",
+                       help="finish a step from the full mask after R rejections (0: never)")
+    p_gen.add_argument("-n", type=int, default=1, help="number of outputs")
+    p_gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p_gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
