@@ -1,0 +1,232 @@
+"""Constraint specs: what a user may pass as ``constraint=...``, normalized into one ``Spec``.
+
+Accepted forms:
+
+* a JSON Schema, as a ``dict`` (or ``True``/``False``), as JSON text, or as ``JsonSchema(...)``;
+* a pydantic model class (its JSON Schema; outputs parse back into an instance);
+* ``Regex(pattern)``: a regular expression in the syntax of Python's ``regex`` module;
+* ``Grammar(text)``: a Lark grammar (llguidance's Lark dialect);
+* ``Choice([...])``: one of a list of literal strings;
+* outlines output types: ``outlines.types.JsonSchema``, ``Regex``, ``CFG`` and any other outlines
+  term (turned into its regular expression);
+* ``Predicate(fn)`` or a bare callable: a Python predicate over the decoded text prefix.
+
+A bare string is ambiguous (a schema? a regex? a grammar?): it is accepted only where it parses
+as a JSON Schema; anything else raises ``ConstraintError`` pointing at the wrapper types.
+
+A ``Spec`` is hashable (it keys the compile cache) and, except for predicates, serializable into
+``SamplingParams.extra_args`` (``to_wire`` / ``from_wire``) so that it can cross into vLLM's
+engine process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from tether.errors import ConstraintError
+
+Kind = Literal["json_schema", "regex", "grammar", "predicate"]
+
+
+@dataclass(frozen=True)
+class Regex:
+    """A regular expression that the whole output must match (Python ``regex`` syntax)."""
+
+    pattern: str
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A Lark grammar (start rule ``start``) that the whole output must derive."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class JsonSchema:
+    """A JSON Schema that the output, parsed as JSON, must validate against."""
+
+    schema: Any  # dict, bool, or JSON text
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The output must be exactly one of these strings."""
+
+    options: tuple[str, ...]
+
+    def __init__(self, options):
+        object.__setattr__(self, "options", tuple(options))
+
+
+@dataclass(frozen=True, eq=False)
+class Predicate:
+    """A Python predicate over the decoded text.
+
+    ``prefix(text)`` says whether ``text`` may still be extended into an acceptable output;
+    ``complete(text)`` whether the output may end at ``text`` (defaults to ``prefix``).
+    Both see whole characters only: a token that ends inside a multi-byte UTF-8 character is
+    judged on the text before that character (and the bytes must be a valid UTF-8 prefix).
+    """
+
+    prefix: Callable[[str], bool]
+    complete: Callable[[str], bool] | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A normalized constraint spec.
+
+    ``source`` is canonical text (compact JSON for schemas, the pattern, the grammar) so that
+    equal specs compare and hash equal. ``model`` is the pydantic class a schema came from (its
+    instances are the parsed values); ``predicate`` holds the callables of a predicate spec.
+    """
+
+    kind: Kind
+    source: str
+    model: type | None = field(default=None, compare=False)
+    predicate: Predicate | None = field(default=None, compare=False)
+    # Predicates compare by identity of the callables, via a process-local reference.
+    ref: int | None = None
+
+    @property
+    def schema(self) -> Any:
+        assert self.kind == "json_schema"
+        return json.loads(self.source)
+
+    def describe(self) -> str:
+        text = self.source if len(self.source) < 60 else self.source[:57] + "..."
+        return f"{self.kind}:{text}"
+
+    def to_wire(self) -> dict:
+        """A JSON-serializable form for ``SamplingParams.extra_args``."""
+        if self.kind == "predicate":
+            # Callables cannot cross a process boundary; the engine must run in-process.
+            return {"kind": "predicate", "ref": self.ref}
+        wire = {"kind": self.kind, "source": self.source}
+        if self.model is not None:
+            _MODELS.setdefault(_model_key(self.model), self.model)
+            wire["model"] = _model_key(self.model)
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: dict) -> "Spec":
+        kind = wire.get("kind")
+        if kind == "predicate":
+            try:
+                return _PREDICATES[wire["ref"]]
+            except KeyError:
+                raise ConstraintError(
+                    "a Python predicate constraint can only be used with the engine in the "
+                    "same process (VLLM_ENABLE_V1_MULTIPROCESSING=0), as tether.LLM does"
+                ) from None
+        if kind not in ("json_schema", "regex", "grammar") or not isinstance(wire.get("source"), str):
+            raise ConstraintError(f"malformed constraint spec {wire!r}")
+        return cls(kind, wire["source"], model=_MODELS.get(wire.get("model")))
+
+
+_PREDICATES: dict[int, Spec] = {}
+_PREDICATE_REFS: dict[tuple, int] = {}
+_MODELS: dict[str, type] = {}
+_ref_counter = itertools.count(1)
+_ref_lock = threading.Lock()
+
+
+def _model_key(model: type) -> str:
+    return f"{model.__module__}.{model.__qualname__}"
+
+
+def _schema_spec(schema: Any, model: type | None = None) -> Spec:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ConstraintError(f"the JSON Schema is not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ConstraintError(
+            f"a JSON Schema must be an object or a boolean, got {type(schema).__name__}")
+    # Key order is kept: it is the order in which properties are generated.
+    return Spec("json_schema", json.dumps(schema, separators=(",", ":")), model=model)
+
+
+def _choice_grammar(options: tuple[str, ...]) -> str:
+    if not options or not all(isinstance(o, str) for o in options):
+        raise ConstraintError("a choice needs a non-empty list of strings")
+    return "start: " + " | ".join(json.dumps(o) for o in options) + "\n"
+
+
+def normalize(spec: Any) -> Spec:
+    """Turn any accepted constraint form into a ``Spec`` (see the module docstring)."""
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, JsonSchema):
+        return _schema_spec(spec.schema)
+    if isinstance(spec, Regex):
+        if not isinstance(spec.pattern, str):
+            raise ConstraintError("Regex(pattern) needs a string pattern")
+        return Spec("regex", spec.pattern)
+    if isinstance(spec, Grammar):
+        if not isinstance(spec.text, str) or not spec.text.strip():
+            raise ConstraintError("Grammar(text) needs the text of a Lark grammar")
+        return Spec("grammar", spec.text)
+    if isinstance(spec, Choice):
+        return Spec("grammar", _choice_grammar(spec.options))
+    if isinstance(spec, (dict, bool)):
+        return _schema_spec(spec)
+    if isinstance(spec, str):
+        try:
+            parsed, problem = json.loads(spec), "it is JSON but not an object"
+        except json.JSONDecodeError as e:
+            parsed, problem = None, f"it did not parse as JSON ({e})"
+        if isinstance(parsed, (dict, bool)):
+            return _schema_spec(parsed)
+        raise ConstraintError(
+            f"a bare string constraint is taken only as a JSON Schema, and {problem}; wrap "
+            "it: tether.Regex(pattern) for a regular expression, tether.Grammar(text) for a Lark "
+            "grammar, tether.JsonSchema(schema) for a schema")
+    if isinstance(spec, type):
+        try:
+            from pydantic import BaseModel
+        except ImportError:  # pragma: no cover - pydantic is a dependency
+            BaseModel = None
+        if BaseModel is not None and issubclass(spec, BaseModel):
+            return _schema_spec(spec.model_json_schema(), model=spec)
+    outlines_spec = _from_outlines(spec)
+    if outlines_spec is not None:
+        return outlines_spec
+    if isinstance(spec, Predicate) or callable(spec):
+        pred = spec if isinstance(spec, Predicate) else Predicate(spec)
+        identity = (pred.prefix, pred.complete)  # the same callables give the same spec
+        with _ref_lock:
+            if identity not in _PREDICATE_REFS:
+                ref = next(_ref_counter)
+                _PREDICATE_REFS[identity] = ref
+                _PREDICATES[ref] = Spec(
+                    "predicate", getattr(pred.prefix, "__qualname__", "predicate"),
+                    predicate=pred, ref=ref)
+            return _PREDICATES[_PREDICATE_REFS[identity]]
+    raise ConstraintError(
+        f"unsupported constraint of type {type(spec).__name__}; use a JSON Schema (dict), a "
+        "pydantic model class, tether.Regex, tether.Grammar, tether.Choice, an outlines type or "
+        "a predicate")
+
+
+def _from_outlines(spec: Any) -> Spec | None:
+    module = type(spec).__module__ or ""
+    if not module.startswith("outlines"):
+        return None
+    from outlines.types import dsl
+
+    if isinstance(spec, dsl.JsonSchema):
+        return _schema_spec(spec.schema)
+    if isinstance(spec, dsl.CFG):
+        return Spec("grammar", spec.definition)
+    if isinstance(spec, dsl.Regex):
+        return Spec("regex", spec.pattern)
+    if isinstance(spec, dsl.Term):
+        return Spec("regex", dsl.to_regex(spec))
+    return None
