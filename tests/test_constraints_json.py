@@ -14,7 +14,7 @@ import json
 import jsonschema
 import pytest
 
-from conftest import encode, shared, token_at_byte, walk
+from conftest import encode, shared, walk
 from tether import Constraint, ConstraintError
 
 N_SCHEMAS = 30
@@ -150,27 +150,61 @@ def test_valid_instance_is_accepted(vocab, index):
     assert c.allows(state, eos)
 
 
+def structural_boundaries(vocab, text: str, ids: list[int]) -> list[int]:
+    """Token indices k where the text of ids[:k] ends right after a ", " or ": " outside any
+    string, or at the end: places where a stray character is a JSON syntax error."""
+    in_string = escaped = False
+    cuts = set()
+    for i, ch in enumerate(text):
+        if in_string:
+            in_string = escaped or ch != '"'
+            escaped = not escaped and ch == "\\"
+        elif ch == '"':
+            in_string = True
+        elif ch == " " and i > 0 and text[i - 1] in ",:":
+            cuts.add(len(text[: i + 1].encode()))
+    out, end = [], 0
+    for k, t in enumerate(ids):
+        if end in cuts:
+            out.append(k)
+        end += len(vocab.token_bytes[t])
+    return out + [len(ids)]
+
+
 @pytest.mark.parametrize("index", range(N_SCHEMAS))
 def test_broken_instance_is_rejected_at_the_break(vocab, index):
     name, schema, instance = benchmark_cases()[index]
     c = Constraint.from_spec(schema, vocab)
     text = json.dumps(instance, ensure_ascii=False)
-    # '@' is never valid JSON outside a string; put it after the first character.
-    broken = text[:1] + "@" + text[1:]
-    ids = encode(vocab, broken)
-    refused, state = walk(c, ids)
-    break_at = len(broken[:1].encode())
-    assert refused == token_at_byte(vocab, ids, break_at), name
-    assert not c.is_complete(state)
+    ids = encode(vocab, text)
+    # '@' is never valid JSON outside a string: after the first separator, or after the end.
+    k = structural_boundaries(vocab, text, ids)[0]
+    broken = ids[:k] + encode(vocab, "@")
+    refused, state = walk(c, broken)
+    assert refused == k, name
+    assert not c.is_complete(state) or k == len(ids)
 
 
-def test_missing_required_property_is_rejected_at_the_brace(vocab):
+def test_missing_required_property_is_rejected(vocab):
     schema = {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}
     c = Constraint.from_spec(schema, vocab)
-    state = c.advance(c.start(), encode(vocab, "{")[0])
-    brace = [t for t in range(vocab.size) if vocab.token_bytes[t] == b"}"]
-    assert brace and not c.allows(state, brace[0])
-    assert not c.is_complete(state)
+    start = c.start()
+    closing = [t for t in range(vocab.size) if (vocab.token_bytes[t] or b"").startswith(b"{}")]
+    assert closing and not any(c.allows(start, t) for t in closing)
+    refused, state = walk(c, encode(vocab, '{"id": 1}'))
+    assert refused is None and c.is_complete(state)
+
+
+def test_flexible_whitespace_is_opt_in(vocab):
+    from tether import JsonSchema
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    pretty = '{\n  "a": 1\n}'
+    refused, _ = walk(Constraint.from_spec(schema, vocab), encode(vocab, pretty))
+    assert refused is not None  # compact by default
+    c = Constraint.from_spec(JsonSchema(schema, whitespace="flexible"), vocab)
+    refused, state = walk(c, encode(vocab, pretty))
+    assert refused is None and c.is_complete(state)
 
 
 def test_utf8_split_across_tokens(vocab):

@@ -128,8 +128,7 @@ def json_schema_constraint(spec: Spec, vocab: TokenVocab) -> GrammarConstraint:
         pointer = "/" + "/".join(str(p) for p in e.path)
         raise ConstraintError(f"invalid JSON Schema at {pointer}: {e.message}") from None
     try:
-        # lenient: keywords llguidance does not implement are left to the final jsonschema check
-        grammar = LLMatcher.grammar_from_json_schema(schema, defaults={"lenient": True})
+        grammar = LLMatcher.grammar_from_json_schema(schema, defaults=_json_options(spec))
     except ValueError as e:
         raise ConstraintError(f"invalid JSON Schema: {e}") from None
     matcher, error = _matcher(vocab, grammar)
@@ -156,6 +155,14 @@ def json_schema_constraint(spec: Spec, vocab: TokenVocab) -> GrammarConstraint:
                 return False
 
     return GrammarConstraint(spec, vocab, matcher, final_check)
+
+
+def _json_options(spec: Spec) -> dict:
+    # lenient: keywords llguidance does not implement are left to the final jsonschema check
+    if spec.flexible_whitespace:
+        return {"lenient": True}
+    return {"lenient": True, "whitespace_flexible": False, "item_separator": ", ",
+            "key_separator": ": "}
 
 
 def lark_constraint(spec: Spec, vocab: TokenVocab) -> GrammarConstraint:

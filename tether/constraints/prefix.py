@@ -11,13 +11,18 @@ tell that a lookaround has already failed (``^(?!.*(.).*\1)[a-z]+$`` on "abca"),
 prefix is allowed; EOS still requires a full match, so no invalid output is ever complete.
 
 Tokens map to bytes, not characters: a token may end inside a multi-byte UTF-8 character. The
-check then runs on the text before that character, and the dangling bytes must be a valid UTF-8
-prefix; the character is judged when its last byte arrives.
+text before that character must be extendable, and so must the text followed by one of the
+characters those bytes can still become: all of them when there are at most 64 (two-byte
+characters, or longer ones with all but the last byte known), else 64 spread over the range
+plus every non-ASCII character the pattern names. That last case may refuse a token that some
+other rare character would have made valid (tokenizers spell common characters with whole
+tokens). The character is judged exactly when its last byte arrives.
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
 from typing import Any, Callable
 
 import regex
@@ -42,16 +47,52 @@ def compile_python_regex(pattern: str) -> Any:
         ) from None
 
 
-def split_utf8(data: bytes) -> tuple[str, bool]:
-    """Decode ``data`` up to any dangling partial character.
+def split_utf8(data: bytes) -> tuple[str, bytes] | None:
+    """Decode ``data`` up to a dangling partial character.
 
-    Returns ``(text, ok)``: ``ok`` is False if the bytes are not a prefix of valid UTF-8.
+    Returns ``(text, tail)``, ``tail`` being the bytes of an unfinished character (possibly
+    empty), or None if the bytes are not a prefix of valid UTF-8.
     """
     decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        return decoder.decode(data, final=False), True
+        text = decoder.decode(data, final=False)
     except UnicodeDecodeError:
-        return "", False
+        return None
+    return text, decoder.getstate()[0]
+
+
+TAIL_PROBES = 64
+
+
+def completions(tail: bytes, extra: tuple[str, ...] = ()) -> list[str]:
+    """Characters whose UTF-8 encoding starts with ``tail`` (an unfinished character):
+    all of them when there are at most ``TAIL_PROBES``, else that many, evenly spread, plus
+    those of ``extra`` (characters the spec names) that fit."""
+    lead = tail[0]
+    length = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    missing = length - len(tail)
+    bounds = []
+    for fill in (b"\x80", b"\xbf"):
+        try:
+            bounds.append(ord((tail + fill * missing).decode("utf-8")))
+        except UnicodeDecodeError:  # overlong or surrogate corners: scan from the other end
+            bounds.append(None)
+    lo = bounds[0] if bounds[0] is not None else bounds[1]
+    hi = bounds[1] if bounds[1] is not None else bounds[0]
+    if lo is None:
+        return []
+    count = hi - lo + 1
+    step = max(1, count // TAIL_PROBES)
+    points = range(lo, hi + 1, step) if count > TAIL_PROBES else range(lo, hi + 1)
+    out = [ch for ch in extra if ch.encode("utf-8", errors="ignore").startswith(tail)]
+    for cp in points:
+        ch = chr(cp)
+        try:
+            if ch.encode("utf-8").startswith(tail):
+                out.append(ch)
+        except UnicodeEncodeError:  # a surrogate
+            continue
+    return out
 
 
 class TextPrefixConstraint(Constraint):
@@ -71,8 +112,18 @@ class TextPrefixConstraint(Constraint):
             return self.is_complete(state)
         if not self.is_plain_token(token_id):
             return False
-        text, ok = split_utf8(state + self.vocab.token_bytes[token_id])
-        return ok and self.prefix_ok(text)
+        split = split_utf8(state + self.vocab.token_bytes[token_id])
+        if split is None or not self.prefix_ok(split[0]):
+            return False
+        return not split[1] or self._tail_ok(*split)
+
+    @functools.lru_cache(maxsize=4096)
+    def _tail_ok(self, text: str, tail: bytes) -> bool:
+        """Whether some character that ``tail`` can still become keeps ``text`` extendable."""
+        return any(self.prefix_ok(text + ch) for ch in completions(tail, self.probe_chars))
+
+    #: characters the spec names, always among the probes for an unfinished character
+    probe_chars: tuple[str, ...] = ()
 
     def advance(self, state: bytes, token_id: int) -> bytes:
         if not self.allows(state, token_id):
@@ -98,6 +149,7 @@ class PartialRegexConstraint(TextPrefixConstraint):
     def __init__(self, spec: Spec, vocab: TokenVocab, compiled: Any):
         super().__init__(spec, vocab)
         self.pattern = compiled
+        self.probe_chars = _named_characters(spec.source)
 
     def prefix_ok(self, text: str) -> bool:
         try:
@@ -127,3 +179,14 @@ class PredicateConstraint(TextPrefixConstraint):
     def complete_ok(self, text: str) -> bool:
         return bool(self._complete(text))
 
+
+def _named_characters(pattern: str) -> tuple[str, ...]:
+    r"""Non-ASCII characters a pattern spells literally or by escape (\xNN, \uNNNN, \UNNNNNNNN,
+    \x{N...}): likely targets when a token stops inside a multi-byte character."""
+    found = {ch for ch in pattern if ord(ch) > 127}
+    for m in regex.finditer(r"\\(?:x\{([0-9a-fA-F]+)\}|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})"
+                            r"|U([0-9a-fA-F]{8}))", pattern):
+        code = int(next(g for g in m.groups() if g), 16)
+        if 127 < code < 0x110000 and not 0xD800 <= code < 0xE000:
+            found.add(chr(code))
+    return tuple(sorted(found))

@@ -48,9 +48,15 @@ class Grammar:
 
 @dataclass(frozen=True)
 class JsonSchema:
-    """A JSON Schema that the output, parsed as JSON, must validate against."""
+    """A JSON Schema that the output, parsed as JSON, must validate against.
+
+    ``whitespace``: "compact" (the default for every schema spec) writes JSON on one line with
+    ", " and ": " separators and no other whitespace; "flexible" lets the model put any
+    whitespace between tokens (pretty-printing), which small models tend to loop on.
+    """
 
     schema: Any  # dict, bool, or JSON text
+    whitespace: str = "compact"
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class Spec:
 
     kind: Kind
     source: str
+    flexible_whitespace: bool = False  # JSON Schema only; see ``JsonSchema``
     model: type | None = field(default=None, compare=False)
     predicate: Predicate | None = field(default=None, compare=False)
     # Predicates compare by identity of the callables, via a process-local reference.
@@ -108,6 +115,8 @@ class Spec:
             # Callables cannot cross a process boundary; the engine must run in-process.
             return {"kind": "predicate", "ref": self.ref}
         wire = {"kind": self.kind, "source": self.source}
+        if self.flexible_whitespace:
+            wire["flexible_whitespace"] = True
         if self.model is not None:
             _MODELS.setdefault(_model_key(self.model), self.model)
             wire["model"] = _model_key(self.model)
@@ -126,7 +135,8 @@ class Spec:
                 ) from None
         if kind not in ("json_schema", "regex", "grammar") or not isinstance(wire.get("source"), str):
             raise ConstraintError(f"malformed constraint spec {wire!r}")
-        return cls(kind, wire["source"], model=_MODELS.get(wire.get("model")))
+        return cls(kind, wire["source"], bool(wire.get("flexible_whitespace", False)),
+                   model=_MODELS.get(wire.get("model")))
 
 
 _PREDICATES: dict[int, Spec] = {}
@@ -140,7 +150,9 @@ def _model_key(model: type) -> str:
     return f"{model.__module__}.{model.__qualname__}"
 
 
-def _schema_spec(schema: Any, model: type | None = None) -> Spec:
+def _schema_spec(schema: Any, model: type | None = None, whitespace: str = "compact") -> Spec:
+    if whitespace not in ("compact", "flexible"):
+        raise ConstraintError(f"whitespace must be 'compact' or 'flexible', not {whitespace!r}")
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -150,7 +162,8 @@ def _schema_spec(schema: Any, model: type | None = None) -> Spec:
         raise ConstraintError(
             f"a JSON Schema must be an object or a boolean, got {type(schema).__name__}")
     # Key order is kept: it is the order in which properties are generated.
-    return Spec("json_schema", json.dumps(schema, separators=(",", ":")), model=model)
+    return Spec("json_schema", json.dumps(schema, separators=(",", ":")),
+                flexible_whitespace=whitespace == "flexible", model=model)
 
 
 def _choice_grammar(options: tuple[str, ...]) -> str:
@@ -164,7 +177,7 @@ def normalize(spec: Any) -> Spec:
     if isinstance(spec, Spec):
         return spec
     if isinstance(spec, JsonSchema):
-        return _schema_spec(spec.schema)
+        return _schema_spec(spec.schema, whitespace=spec.whitespace)
     if isinstance(spec, Regex):
         if not isinstance(spec.pattern, str):
             raise ConstraintError("Regex(pattern) needs a string pattern")
