@@ -113,7 +113,8 @@ class LLM:
                  estimator: str = "recursive",
                  max_rejections: int | None = DEFAULT_MAX_REJECTIONS,
                  chat: bool | None = None) -> list[Result]:
-        """Generate one output per prompt, under ``constraint`` (any spec ``Constraint`` takes).
+        """Generate one output per prompt, under ``constraint`` (any spec ``Constraint`` takes,
+        or a list with one spec per prompt), all in one engine batch.
 
         ``sampler``: "awrs" (weighted) or "lcd" (first accepted token, no weight).
         ``estimator``: "recursive" or "geometric" (the AWRS paper's; needs
@@ -123,11 +124,17 @@ class LLM:
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        compiled = self.constraint(constraint) if constraint is not None else None
+        if isinstance(constraint, list):
+            if len(constraint) != len(prompts):
+                raise ValueError(f"{len(constraint)} constraints for {len(prompts)} prompts")
+            specs = constraint
+        else:
+            specs = [constraint] * len(prompts)
+        compiled_all = [self.constraint(c) if c is not None else None for c in specs]
         seed = secrets.randbits(32) if seed is None else seed
         run = uuid.uuid4().hex[:12]
         requests, keys = [], []
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, compiled) in enumerate(zip(prompts, compiled_all)):
             particle = None
             if compiled is not None:
                 particle = ParticleConfig(spec=compiled.spec.to_wire(), key=f"{run}-{i}",
@@ -142,12 +149,8 @@ class LLM:
         outputs = self.engine.llm.generate([r[0] for r in requests], [r[1] for r in requests],
                                            use_tqdm=False)
         records = pop_records(self.engine.llm, keys) if keys else {}
-        results = []
-        for i, out in enumerate(outputs):
-            completion = out.outputs[0]
-            record = records.get(f"{run}-{i}") if compiled is not None else None
-            results.append(self._result(completion, compiled, record))
-        return results
+        return [self._result(out.outputs[0], compiled, records.get(f"{run}-{i}"))
+                for i, (out, compiled) in enumerate(zip(outputs, compiled_all))]
 
     def _result(self, completion: Any, compiled: Constraint | None, record: Any) -> Result:
         token_ids = list(completion.token_ids)

@@ -14,6 +14,10 @@ they already are (the GPU in production) and, for the constrained rows only:
 4. forces the chosen token: the row becomes -inf except that token (0), so whatever vLLM's
    sampler does next (penalties, temperature, top-k/p, greedy or random) returns it.
 
+Truncation and constraints can leave nothing: when every token inside top-k/top-p is rejected,
+the step is redone on the untruncated distribution (temperature only), the way a masking
+sampler applies top-k/top-p after the mask; the step is recorded as ``untruncated``.
+
 Built-in processors run before this one (min-tokens and logit bias shape the logits AWRS sees);
 the request's repetition/frequency/presence penalties are not applied to constrained rows.
 
@@ -123,6 +127,7 @@ class _Row:
         self.temperature = 1.0 if self.greedy else temperature
         self.top_k = int(params.top_k) if params.top_k and params.top_k > 0 else 0
         self.top_p = float(params.top_p) if params.top_p else 1.0
+        self.truncates = self.top_k > 0 or self.top_p < 1.0
         self.cheap_mask = self.constraint.cheap_mask
         self.state = self.constraint.start()
         for t in cfg.prefix:
@@ -227,25 +232,31 @@ class AWRSLogitsProcessor(LogitsProcessor):
         index_t = torch.tensor(indices, device=dev)
         logprobs = shape_logprobs(
             logits.index_select(0, index_t),
-            torch.tensor([r.temperature for r in rows], device=dev, dtype=torch.float64),
+            torch.tensor([r.temperature for r in rows], device=dev),
             torch.tensor([r.top_k for r in rows], device=dev),
-            torch.tensor([r.top_p for r in rows], device=dev, dtype=torch.float64))
-        ranked = rank_batch(
-            logprobs,
-            torch.tensor([r.seed for r in rows], device=dev),
-            torch.tensor([r.step for r in rows], device=dev),
-            CANDIDATES,
-            noise=torch.tensor([not r.greedy for r in rows], device=dev))
+            torch.tensor([r.top_p for r in rows], device=dev))
+        ranked = rank_batch(logprobs, [r.seed for r in rows], [r.step for r in rows], CANDIDATES,
+                            noise=[not r.greedy for r in rows])
         shared_device_s = (time.perf_counter() - t0) / len(rows)
 
         forced = []
         for j, row in enumerate(rows):
             stream = ranked.stream(j)
             t1 = time.perf_counter()
+            untruncated = False
             if row.record.error is not None:
                 result = awrs.StepResult(None, float("-inf"), 0, 0)
             else:
                 result = row.decide(stream)
+                if result.dead and row.truncates:
+                    # Nothing allowed inside top-k/top-p: retry on the untruncated distribution.
+                    full = rank_batch(
+                        shape_logprobs(logits[indices[j]:indices[j] + 1],
+                                       torch.tensor([row.temperature], device=dev),
+                                       torch.tensor([0], device=dev), torch.tensor([1.0], device=dev)),
+                        [row.seed], [row.step], CANDIDATES, noise=[not row.greedy])
+                    stream = full.stream(0)
+                    result, untruncated = row.decide(stream), True
             elapsed = time.perf_counter() - t1
             token = result.token
             if token is None:
@@ -255,7 +266,7 @@ class AWRSLogitsProcessor(LogitsProcessor):
             elif row.record.dead_step is not None and row.record.dead_step >= row.step:
                 row.record.dead_step = None  # that death was on a discarded sample
             row.record.steps[row.step] = _step_record(result, token, elapsed, stream,
-                                                      shared_device_s)
+                                                      shared_device_s, untruncated)
             forced.append(token)
 
         forced_t = torch.tensor(forced, device=dev)
@@ -265,10 +276,10 @@ class AWRSLogitsProcessor(LogitsProcessor):
 
 
 def _step_record(result: awrs.StepResult, token: int, elapsed: float, stream: CandidateStream,
-                 shared_device_s: float):
+                 shared_device_s: float, untruncated: bool):
     from tether.decode.records import StepRecord
 
     return StepRecord(token=token, log_weight=result.log_weight, checks=result.checks,
-                      rejections=result.rejections, exact=result.exact,
+                      rejections=result.rejections, exact=result.exact, untruncated=untruncated,
                       constraint_s=max(0.0, elapsed - stream.device_seconds),
                       device_s=shared_device_s + stream.device_seconds)

@@ -29,6 +29,7 @@ class StepRecord:
     checks: int
     rejections: int
     exact: bool  # finished by the full mask (bounded-cost mode)
+    untruncated: bool  # redone without top-k/top-p, which left no allowed token
     constraint_s: float  # host time spent in the constraint
     device_s: float  # time in device operations attributed to this row
 
@@ -55,6 +56,7 @@ class ParticleRecord:
             "checks": sum(s.checks for s in steps),
             "rejections": sum(s.rejections for s in steps),
             "exact_steps": sum(s.exact for s in steps),
+            "untruncated_steps": sum(s.untruncated for s in steps),
             "constraint_s": sum(s.constraint_s for s in steps),
             "device_s": sum(s.device_s for s in steps),
             "dead": dead,

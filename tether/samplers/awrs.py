@@ -93,6 +93,9 @@ class StepResult:
     checks: int  # constraint checks (distinct tokens tested)
     rejections: int
     exact: bool = False  # the bounded-cost fallback (full mask) finished the step
+    # recursive estimator only: 1 - R when the coin flip decided the weight, the larger of its
+    # two outcomes (1 - R or p(x)); None otherwise. Reported for diagnostics and exact variances.
+    coin_high: float | None = None
 
     @property
     def dead(self) -> bool:
@@ -150,11 +153,11 @@ def recursive_awrs(cands: Candidates, accept: Callable[[int], bool], *,
         if follower is None:  # x is the last token with positive probability: Z_A = p(x)
             return StepResult(token, logp, checks, rejections)
         checks += 1
+        # 1 - R in exact arithmetic is at least p(x) + p(x'); guard the float rounding
+        high = max(1.0 - rejected_mass, p_x + math.exp(follower[1]))
         if accept(follower[0]):
-            # 1 - R in exact arithmetic is at least p(x) + p(x'); guard the float rounding
-            weight = max(1.0 - rejected_mass, p_x + math.exp(follower[1]))
-            return StepResult(token, math.log(weight), checks, rejections)
-        return StepResult(token, logp, checks, rejections + 1)
+            return StepResult(token, math.log(high), checks, rejections, coin_high=high)
+        return StepResult(token, logp, checks, rejections + 1, coin_high=high)
 
 
 def geometric_awrs(cands: Candidates, accept: Callable[[int], bool],

@@ -27,12 +27,12 @@ from tether.samplers.gumbel import gumbel_keys
 
 def shape_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                    top_p: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (float64, ``[B, V]``) after temperature, top-k and top-p.
+    """Log-probabilities (``[B, V]``, the logits' dtype) after temperature, top-k and top-p.
 
     ``temperature``: ``[B]`` (> 0); ``top_k``: ``[B]`` int (0 or >= V means off); ``top_p``:
     ``[B]`` in (0, 1] (1 means off). Filtered tokens get -inf.
     """
-    scaled = logits.to(torch.float64) / temperature[:, None].to(torch.float64)
+    scaled = logits / temperature[:, None].to(logits.dtype)
     vocab = scaled.shape[-1]
     k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k).to(torch.int64)
     need_sort = bool(((k < vocab) | (top_p < 1.0)).any())
@@ -44,7 +44,7 @@ def shape_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
         probs = sorted_logits.softmax(dim=-1)
         # keep a token if the mass strictly before it is below top_p (the first always stays)
         before = probs.cumsum(dim=-1) - probs
-        drop = before >= top_p[:, None].to(torch.float64)
+        drop = before >= top_p[:, None].to(probs.dtype)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
     return scaled.log_softmax(dim=-1)
@@ -54,8 +54,8 @@ def shape_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
 class RankedBatch:
     """Device tensors of one step plus the host copy of each row's top candidates."""
 
-    keys: torch.Tensor  # [B, V] float64 Gumbel keys (device)
-    logprobs: torch.Tensor  # [B, V] float64 (device)
+    keys: torch.Tensor  # [B, V] Gumbel keys (device)
+    logprobs: torch.Tensor  # [B, V] (device)
     tokens: np.ndarray  # [B, k] int64, best keys first
     token_logprobs: np.ndarray  # [B, k] float64
     finite: np.ndarray  # [B, k] bool: key > -inf (the token has positive probability)
@@ -65,18 +65,20 @@ class RankedBatch:
                                self.token_logprobs[row], self.finite[row])
 
 
-def rank_batch(logprobs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, k: int,
-               noise: torch.Tensor | None = None) -> RankedBatch:
+def rank_batch(logprobs: torch.Tensor, seeds: list[int], steps: list[int], k: int,
+               noise: list[bool] | None = None) -> RankedBatch:
     """Gumbel-rank every row and bring the top ``k`` candidates to the host in one copy.
 
-    ``noise``: optional ``[B]`` booleans, False for greedy rows (ranked by probability alone).
+    ``seeds``/``steps``: per row; ``noise``: optional per-row flags, False for greedy rows
+    (ranked by probability alone).
     """
     keys = gumbel_keys(logprobs, seeds, steps, noise)
     k = min(k, keys.shape[-1])
     top_keys, top_idx = keys.topk(k, dim=-1)
-    top_lp = logprobs.to(torch.float64).gather(-1, top_idx)
-    packed = torch.stack([top_idx.to(torch.float64), top_lp, top_keys]).cpu().numpy()
-    return RankedBatch(keys, logprobs.to(torch.float64), packed[0].astype(np.int64), packed[1],
+    top_lp = logprobs.gather(-1, top_idx)
+    packed = torch.stack([top_idx.to(torch.float64), top_lp.to(torch.float64),
+                          top_keys.to(torch.float64)]).cpu().numpy()
+    return RankedBatch(keys, logprobs, packed[0].astype(np.int64), packed[1],
                        np.isfinite(packed[2]))
 
 
@@ -109,7 +111,8 @@ class CandidateStream:
         depth = min(vocab, 2 * have)
         top_keys, top_idx = self._keys.topk(depth)
         top_lp = self._logprobs.gather(-1, top_idx)
-        packed = torch.stack([top_idx.to(torch.float64), top_lp, top_keys])[:, have:].cpu().numpy()
+        packed = torch.stack([top_idx.to(torch.float64), top_lp.to(torch.float64),
+                              top_keys.to(torch.float64)])[:, have:].cpu().numpy()
         self._tokens = np.concatenate([self._tokens, packed[0].astype(np.int64)])
         self._logps = np.concatenate([self._logps, packed[1]])
         self._finite = np.concatenate([self._finite, np.isfinite(packed[2])])
@@ -136,7 +139,8 @@ class CandidateStream:
         keys = self._keys.masked_fill(~mask_t, float("-inf"))
         best = keys.argmax()
         log_mass = self._logprobs.masked_fill(~mask_t, float("-inf")).logsumexp(-1)
-        out = torch.stack([best.to(torch.float64), keys[best], log_mass]).cpu().numpy()
+        out = torch.stack([best.to(torch.float64), keys[best].to(torch.float64),
+                           log_mass.to(torch.float64)]).cpu().numpy()
         self.device_seconds += time.perf_counter() - t0
         if not np.isfinite(out[1]):
             return None
