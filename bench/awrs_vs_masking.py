@@ -117,9 +117,9 @@ def run_genlm(job: dict) -> dict:
     """genlm-control's AWRS with its transformers backend, on the CPU, schema after schema."""
     import asyncio
 
-    from genlm.control import AWRS, JsonSchema, PromptedLLM
+    from genlm.control import AWRS, EOS, JsonSchema, PromptedLLM
 
-    llm = PromptedLLM.from_name(job["model_path"], backend="hf", eos_tokens=[b"<|im_end|>"],
+    llm = PromptedLLM.from_name(job["model_path"], backend="hf", eos_byte_strings=[b"<|im_end|>"],
                                 temperature=job["temperature"])
     refused, outputs = {}, {}
     total = 0.0
@@ -136,8 +136,8 @@ def run_genlm(job: dict) -> dict:
                                        max_tokens=job["max_tokens"]))
         total += time.perf_counter() - t0
         ctx = seqs.contexts[0]
-        data = b"".join(t for t in ctx if isinstance(t, bytes))
-        ended = len(ctx) > 0 and not isinstance(ctx[-1], bytes)
+        data = b"".join(t.byte_string for t in ctx if hasattr(t, "byte_string"))
+        ended = len(ctx) > 0 and ctx[-1] is EOS
         outputs[name] = {"text": data.decode("utf-8", errors="replace"), "tokens": len(ctx),
                          "finish": "stop" if ended else "length"}
     return {"wall_s": total, "refused": refused, "outputs": outputs}
@@ -242,7 +242,8 @@ def main() -> None:
         result = run_system(system, dict(base, schemas=subset))
         table[system] = score(subset, result)
         table[system]["refused_names"] = sorted(result["refused"])
-        print(json.dumps(table[system]), flush=True)
+        table[system]["outputs"] = result["outputs"]
+        print(json.dumps({k: v for k, v in table[system].items() if k != "outputs"}), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": {k: v for k, v in base.items()
                                                      if k != "model_path"} | {

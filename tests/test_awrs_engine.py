@@ -138,10 +138,13 @@ def test_lcd_and_greedy(llm):
 
 def test_geometric_estimator(llm):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    r = llm.generate(["A number as JSON."], schema, max_tokens=16, seed=0,
-                     estimator="geometric", max_rejections=None)[0]
-    assert r.finish_reason == "stop" and isinstance(r.value["n"], int)
-    assert math.isfinite(r.log_weight) and r.log_weight <= 0.0
+    results = llm.generate(["A number as JSON."] * 4, schema, max_tokens=24, seed=0,
+                           estimator="geometric", max_rejections=None)
+    assert any(r.finish_reason == "stop" for r in results)
+    for r in results:
+        assert math.isfinite(r.log_weight) and r.log_weight <= 0.0
+        if r.finish_reason == "stop":
+            assert isinstance(r.value["n"], int)
     with pytest.raises(ValueError, match="bounded"):
         llm.generate(["x"], schema, estimator="geometric", max_rejections=4)
 
@@ -153,16 +156,22 @@ def test_top_p_with_no_allowed_token_falls_back(llm):
     assert r.stats["untruncated_steps"] >= 1
 
 
-def test_cli_generate(capsys, tmp_path, llm):
-    from tether.cli import main
+def test_cli_generate(tmp_path):
+    """The console script, as a user runs it (its own engine, in its own process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    # The CLI builds its own engine; reuse costs about 15 s on these machines.
+    tether_cli = Path(sys.executable).parent / "tether"
     schema_path = tmp_path / "s.json"
     schema_path.write_text(json.dumps({"type": "object", "properties": {
         "ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}))
-    assert main(["generate", "--schema", str(schema_path), "--max-tokens", "16", "--seed", "0",
-                 "-n", "2", "Answer as JSON: is water wet?"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    run = subprocess.run([str(tether_cli), "generate", "--schema", str(schema_path),
+                          "--max-tokens", "16", "--seed", "0", "-n", "2",
+                          "Answer as JSON: is water wet?"], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert len(lines) == 2
     for line in lines:
         assert set(line) >= {"text", "value", "finish_reason", "log_weight", "stats"}
@@ -170,5 +179,6 @@ def test_cli_generate(capsys, tmp_path, llm):
             assert isinstance(line["value"]["ok"], bool)
     bad = tmp_path / "bad.json"
     bad.write_text('{"type": "nope"}')
-    assert main(["generate", "--schema", str(bad), "x"]) == 2
-    assert "/type" in capsys.readouterr().err
+    run = subprocess.run([str(tether_cli), "generate", "--schema", str(bad), "x"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2 and "/type" in run.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -64,15 +65,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             return 2
     from tether.decode.llm import LLM
 
+    options = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                   sampler=args.sampler, chat=False if args.no_chat else None,
+                   max_rejections=None if args.max_rejections == 0 else args.max_rejections)
     with LLM(model) as llm:
-        results = llm.generate([args.prompt] * args.n, spec, max_tokens=args.max_tokens,
-                               temperature=args.temperature, seed=args.seed,
-                               sampler=args.sampler,
-                               max_rejections=None if args.max_rejections == 0
-                               else args.max_rejections,
-                               chat=False if args.no_chat else None)
-    for r in results:
-        print(json.dumps(r.to_dict(), ensure_ascii=False))
+        if args.particles > 1:
+            smc = llm.generate([args.prompt], spec, particles=args.particles, n=args.n,
+                               ess_threshold=args.ess_threshold, resampling=args.resampling,
+                               **options)[0]
+            lines = [dict(d.to_dict(), log_z=smc.log_z) for d in smc.draws] or [
+                dict(smc.to_dict(), log_z=smc.log_z, note="no complete particle: no draws")]
+            for line in lines:
+                line.pop("particles", None), line.pop("draws", None)
+        else:
+            lines = [r.to_dict() for r in llm.generate([args.prompt] * args.n, spec, **options)]
+    for line in lines:
+        print(json.dumps(line, ensure_ascii=False))
     return 0
 
 
@@ -112,7 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="awrs: weighted rejection sampling; lcd: first accepted token")
     p_gen.add_argument("--max-rejections", type=int, default=16, metavar="R",
                        help="finish a step from the full mask after R rejections (0: never)")
-    p_gen.add_argument("-n", type=int, default=1, help="number of outputs")
+    p_gen.add_argument("-n", type=int, default=1,
+                       help="number of outputs (with --particles: posterior draws of one run)")
+    p_gen.add_argument("--particles", type=int, default=1,
+                       help="SMC particles (weighted by AWRS, resampled by ESS)")
+    p_gen.add_argument("--ess-threshold", type=float, default=0.5,
+                       help="resample when ESS < this share of the particles (1: always)")
+    p_gen.add_argument("--resampling", default="systematic",
+                       choices=["systematic", "multinomial", "stratified", "residual"])
     p_gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p_gen.set_defaults(func=_cmd_generate)
     return parser
@@ -120,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # stdout carries results (one JSON object per line); vLLM's log goes to stderr, and only
+    # its warnings unless the user asked for more.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     return args.func(args)
 
 
