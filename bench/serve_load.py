@@ -145,7 +145,8 @@ def main() -> None:
                 proc.kill()
         print(kind, json.dumps(table[kind]), flush=True)
     ratio = table["tether"]["req_per_s"] / table["vllm-xgrammar"]["req_per_s"]
-    Path(args.out).write_text(json.dumps({"config": vars(args), "servers": table,
+    Path(args.out).write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "out"},
+                                          "servers": table,
                                           "throughput_ratio": ratio}, indent=2))
     print("| server | req/s | tok/s | p50 s | p99 s | valid | invalid finished | 4xx | 5xx |")
     print("|---|---|---|---|---|---|---|---|---|")
