@@ -90,6 +90,16 @@ def _cmd_serve(argv: list[str]) -> int:
     return serve_main(argv)
 
 
+def _cmd_transplant(args: argparse.Namespace) -> int:
+    from tether.alignment.transplant import transplant
+
+    report = transplant(args.base, args.donor, args.out, k=args.k, method=args.method,
+                        device=args.device, batch_size=args.batch_size,
+                        limit_new=args.limit_new, progress=not args.quiet)
+    print(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
@@ -139,6 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["systematic", "multinomial", "stratified", "residual"])
     p_gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p_gen.set_defaults(func=_cmd_generate)
+
+    p_tx = sub.add_parser(
+        "transplant", help="give a model another tokenizer, without training (OMP)",
+        description="Write to OUT the BASE model with DONOR's tokenizer: tokens both share "
+        "(by the bytes they spell) keep their rows, special tokens map by role, and every "
+        "other donor token becomes a sparse combination of k shared tokens found by "
+        "orthogonal matching pursuit in the donor's embedding space, applied in the base's. "
+        "A report goes to OUT/transplant_report.json.")
+    p_tx.add_argument("base", help="model to keep (registered name, HF directory, hub id)")
+    p_tx.add_argument("donor", help="model whose tokenizer to give it")
+    p_tx.add_argument("out", help="output model directory")
+    p_tx.add_argument("-k", type=int, default=64, help="anchors per new token")
+    p_tx.add_argument("--method", choices=["omp", "mean", "zero", "subword"], default="omp",
+                      help="omp, or a baseline: mean row, zeros, mean of the base subwords")
+    p_tx.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p_tx.add_argument("--batch-size", type=int, default=None,
+                      help="new tokens per batch (memory: batch x k x anchors; default 32 on "
+                      "the CPU, 512 on a GPU)")
+    p_tx.add_argument("--limit-new", type=int, default=None, metavar="N",
+                      help="approximate only the first N new tokens (timing, smoke tests)")
+    p_tx.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_tx.set_defaults(func=_cmd_transplant)
     return parser
 
 
