@@ -100,6 +100,21 @@ def _cmd_transplant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from tether.attention.calibrate import calibrate_to_file
+
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else None
+    budgets = calibrate_to_file(args.model, args.out, tau=args.tau, block=args.block, text=text,
+                                tokens=args.tokens, sinks=args.sinks, window=args.window,
+                                seed=args.seed, device=args.device)
+    kept = [f for layer in budgets.kept_fraction for f in layer]
+    print(json.dumps({"out": str(args.out), "model": budgets.model, "tokens": budgets.tokens,
+                      "layers": budgets.num_layers, "kv_heads": budgets.num_kv_heads,
+                      "mean_kept_fraction": round(sum(kept) / len(kept), 4),
+                      "min_kept_fraction": min(kept), "max_kept_fraction": max(kept)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
@@ -171,6 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="approximate only the first N new tokens (timing, smoke tests)")
     p_tx.add_argument("--quiet", action="store_true", help="no progress bar")
     p_tx.set_defaults(func=_cmd_transplant)
+
+    p_cal = sub.add_parser(
+        "calibrate", help="per-head KV budgets for TCA-Attention (one forward pass)",
+        description="Run MODEL once over calibration text and write, for every layer and KV "
+        "head, the cheapest keep-count profile over selection blocks (counts 1, 2, 4, ..., "
+        "block) whose tokens keep at least TAU of the last query's attention mass, sinks and "
+        "recent window included. Without --text the model samples its own calibration text.")
+    p_cal.add_argument("model", nargs="?", default="smollm2",
+                       help="registered name, HF directory or hub id (default: smollm2)")
+    p_cal.add_argument("--out", required=True, help="budgets file to write (JSON)")
+    p_cal.add_argument("--tau", type=float, default=0.9, help="attention mass to keep")
+    p_cal.add_argument("--block", type=int, default=128, help="selection block (power of two)")
+    p_cal.add_argument("--text", help="calibration text file (UTF-8)")
+    p_cal.add_argument("--tokens", type=int, default=2048, help="calibration length in tokens")
+    p_cal.add_argument("--sinks", type=int, default=4, help="first tokens always kept")
+    p_cal.add_argument("--window", type=int, default=64, help="recent tokens always kept")
+    p_cal.add_argument("--seed", type=int, default=0, help="seed of self-generated text")
+    p_cal.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p_cal.set_defaults(func=_cmd_calibrate)
     return parser
 
 
