@@ -52,6 +52,7 @@ CASES = [  # S, H, Hkv, D, page, lengths
     (2, 4, 2, 16, 8, [19, 30]),
     (3, 6, 3, 24, 16, [5, 40, 33]),
     (1, 2, 1, 32, 4, [13]),
+    (2, 4, 1, 16, 16, [700, 90]),  # several chunks of selected tokens per program
 ]
 TOL = {torch.float32: 1e-3, torch.float16: 1e-2}
 

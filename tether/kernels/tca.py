@@ -24,7 +24,9 @@ Three steps, one kernel each:
     ``sinks`` tokens and the last ``window`` tokens of the sequence, always.
 (c) ``sparse_paged_attention``: attention of queries over their sequence's selected tokens in
     the paged cache, with a running (online) softmax; a query at position p ignores selected
-    positions after p (causal, for chunked prefill).
+    positions after p (causal, for chunked prefill). One program per (query, KV head, chunk
+    of 256 selected tokens): the group's query heads share every K and V load, the chunks
+    run in parallel (flash-decoding) and are merged by their log-sum-exp.
 
 Every function takes ``impl``: ``"torch"`` (the reference), ``"triton"`` (the kernel; on CPU
 tensors it runs in Triton's interpreter, which is how the tests check it without a GPU), or
@@ -311,46 +313,66 @@ def sparse_paged_attention_reference(q, key_cache, value_cache, block_table, ind
 
 @_kernel
 def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, idx_ptr, cnt_ptr, qseq_ptr, qpos_ptr,
-                             out_ptr, stride_qn, stride_qh, stride_kp, stride_kt, stride_kh,
-                             stride_bs, stride_is, stride_ih, stride_cs, stride_on, stride_oh,
-                             scale, GROUP: tl.constexpr, PAGE: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+                             o_ptr, m_ptr, l_ptr, stride_qn, stride_qh, stride_kp, stride_kt,
+                             stride_kh, stride_bs, stride_is, stride_ih, stride_cs, stride_on,
+                             stride_oh, stride_os, stride_mn, stride_mh, scale,
+                             GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                             CHUNK: tl.constexpr, IEEE: tl.constexpr):
+    # one program: query n, KV head g (all GROUP query heads reading it: K and V are loaded
+    # once for the group), and the split-th chunk of CHUNK selected tokens (flash-decoding)
     n = tl.program_id(0)
-    h = tl.program_id(1)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
     s = tl.load(qseq_ptr + n)
     qpos = tl.load(qpos_ptr + n)
-    g = h // GROUP
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
-    q = tl.load(q_ptr + n * stride_qn + h * stride_qh + d, mask=dmask, other=0.0).to(tl.float32)
-    q = q * scale
+    r = tl.arange(0, BLOCK_G)
+    rmask = r < GROUP
+    heads = g * GROUP + r
+    q = tl.load(q_ptr + n * stride_qn + heads[:, None] * stride_qh + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
     count = tl.load(cnt_ptr + s * stride_cs + g)
-    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
-    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for start in range(0, count, BLOCK_N):
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, count)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
-        jmask = j < count
+        jmask = j < hi
         pos = tl.load(idx_ptr + s * stride_is + g * stride_ih + j, mask=jmask, other=0)
         jmask = jmask & (pos <= qpos)
         page = tl.load(bt_ptr + s * stride_bs + pos // PAGE, mask=jmask, other=0).to(tl.int64)
         off = page * stride_kp + (pos % PAGE) * stride_kt + g * stride_kh
         kv_mask = jmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        z = tl.sum(k * q[None, :], axis=1)
-        z = tl.where(jmask, z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=0))
+        k = tl.load(k_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            z = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            z = tl.dot(q, tl.trans(k))
+        z = tl.where(jmask[None, :], z * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(z - m_safe)
+        p = tl.exp(z - m_safe[:, None])
         correction = tl.exp(m_i - m_safe)
-        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        l_i = l_i * correction + tl.sum(p, axis=0)
-        acc = acc * correction + tl.sum(p[:, None] * v, axis=0)
+        v = tl.load(v_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        l_i = l_i * correction + tl.sum(p, axis=1)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * correction[:, None] + pv
         m_i = m_new
-    out = acc / tl.maximum(l_i, 1e-30)
-    tl.store(out_ptr + n * stride_on + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
-             mask=dmask)
+    o_off = n * stride_on + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+    tl.store(o_ptr + o_off, acc, mask=rmask[:, None] & dmask[None, :])
+    ml_off = n * stride_mn + heads * stride_mh + split
+    tl.store(m_ptr + ml_off, m_i, mask=rmask)
+    tl.store(l_ptr + ml_off, l_i, mask=rmask)
+
+
+SPLIT_CHUNK = 256  # selected tokens per program of the sparse attention kernel
 
 
 def sparse_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -384,11 +406,22 @@ def sparse_paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     q = q.contiguous()
     indices = indices.to(torch.int32).contiguous()
     counts = counts.to(torch.int32).contiguous()
-    out = torch.empty_like(q)
-    _sparse_attention_kernel[(N, H)](
+    group = H // Hkv
+    splits = max(1, -(-indices.shape[-1] // SPLIT_CHUNK))
+    part_o = torch.empty(N, H, splits, D, dtype=torch.float32, device=q.device)
+    part_m = torch.full((N, H, splits), float("-inf"), dtype=torch.float32, device=q.device)
+    part_l = torch.zeros(N, H, splits, dtype=torch.float32, device=q.device)
+    _sparse_attention_kernel[(N, Hkv, splits)](
         q, key_cache, value_cache, block_table, indices, counts, query_seq.to(torch.int32),
-        query_pos.to(torch.int32), out, q.stride(0), q.stride(1), key_cache.stride(0),
-        key_cache.stride(1), key_cache.stride(2), block_table.stride(0), indices.stride(0),
-        indices.stride(1), counts.stride(0), out.stride(0), out.stride(1), float(scale),
-        GROUP=H // Hkv, PAGE=key_cache.shape[1], HEAD_DIM=D, BLOCK_D=_pow2(D), BLOCK_N=32)
-    return out
+        query_pos.to(torch.int32), part_o, part_m, part_l, q.stride(0), q.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_table.stride(0),
+        indices.stride(0), indices.stride(1), counts.stride(0), part_o.stride(0),
+        part_o.stride(1), part_o.stride(2), part_m.stride(0), part_m.stride(1), float(scale),
+        GROUP=group, PAGE=key_cache.shape[1], HEAD_DIM=D, BLOCK_D=max(16, _pow2(D)),
+        BLOCK_G=max(16, _pow2(group)), BLOCK_N=64, CHUNK=SPLIT_CHUNK,
+        IEEE=q.dtype == torch.float32)
+    # combine the splits: out = sum_i e^{m_i - M} o_i / sum_i e^{m_i - M} l_i
+    top = part_m.amax(dim=-1, keepdim=True)
+    weight = torch.exp(part_m - torch.where(top == float("-inf"), 0.0, top))
+    total = (weight * part_l).sum(-1, keepdim=True).clamp_min(1e-30)
+    return ((weight[..., None] * part_o).sum(2) / total).to(q.dtype)
