@@ -229,3 +229,24 @@ def test_select_on_a_real_layer_is_consistent(smollm2_hf):
         kept = float(s[mask[0, h, :128]].sum())
         assert kept > float(cnt[0, h]) / 128  # better than uniform
         assert int(cnt[0, h]) <= 8 + 4 + 2 + 1 + 2 + 8
+
+
+@pytest.mark.skipif(not WIKITEXT.exists(), reason="needs ../shared/data/wikitext-2")
+def test_calibrate_cli(tmp_path):
+    import subprocess
+    import sys
+
+    text = tmp_path / "text.txt"
+    text.write_text(WIKITEXT.read_text()[:20000])
+    out = tmp_path / "budgets.json"
+    cmd = [sys.executable, "-m", "tether.cli", "calibrate", "smollm2", "--out", str(out),
+           "--text", str(text), "--tokens", "256", "--block", "32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["layers"] == 30 and summary["kv_heads"] == 3
+    assert 0 < summary["min_kept_fraction"] <= summary["mean_kept_fraction"] <= 1
+    assert Budgets.load(out, num_layers=30, num_kv_heads=3).block == 32
+    bad = subprocess.run(cmd[:-1] + ["30"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert "power of two" in bad.stderr and "Traceback" not in bad.stderr

@@ -129,9 +129,11 @@ def _device(name: str) -> torch.device:
 def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
                 shared: dict, new: list[int], *, base_vocab: Any, donor_vocab: Any, k: int,
                 batch_size: int, pool: int | None, device: torch.device,
-                progress: bool = True) -> tuple[torch.Tensor, float | None]:
+                progress: bool = True,
+                timings: dict | None = None) -> tuple[torch.Tensor, float | None]:
     """Rows of the base space for the ``new`` donor tokens, and the mean relative
-    reconstruction error in the donor space (OMP only)."""
+    reconstruction error in the donor space (OMP only). ``timings`` receives the seconds of
+    the OMP set-up (anchor Gram matrix) and of the batches."""
     from tqdm.auto import tqdm
 
     d_base = base_rows.shape[1]
@@ -150,7 +152,9 @@ def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
         return out, None
     if method != "omp":
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    timings = {} if timings is None else timings
 
+    t0 = time.perf_counter()
     donor_ids = torch.tensor(list(shared.keys()))
     base_ids = torch.tensor(list(shared.values()))
     anchors = donor_rows[donor_ids].to(device, torch.float32)
@@ -160,6 +164,8 @@ def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
     # The Gram matrix steers the choice of atoms only; bfloat16 halves its memory on the CPU.
     gram_dtype = torch.float32 if device.type == "cuda" else torch.bfloat16
     G = gram(anchors, gram_dtype)
+    setup = time.perf_counter() - t0
+    timings["omp_setup"] = round(timings.get("omp_setup", 0) + setup, 2)
     out = torch.empty(len(new), d_base)
     errors = []
     steps = range(0, len(new), batch_size)
@@ -173,6 +179,8 @@ def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
         # counterparts in the base space
         out[start:start + len(ids)] = torch.einsum(
             "bk,bkd->bd", coef / norms[idx], anchors_base[idx]).cpu()
+    timings["omp_batches"] = round(timings.get("omp_batches", 0)
+                                   + time.perf_counter() - t0 - setup, 2)
     return out, float(torch.cat(errors).mean()) if errors else None
 
 
@@ -230,7 +238,7 @@ def transplant(base: str, donor: str, out: str | Path, *, k: int = 64, method: s
         approx, err = approximate(method, base_rows, donor_rows, shared, fitted,
                                   base_vocab=base_vocab, donor_vocab=donor_vocab, k=k,
                                   batch_size=batch_size, pool=pool, device=dev,
-                                  progress=progress)
+                                  progress=progress, timings=report.seconds)
         if fitted:
             rows[torch.tensor(fitted)] = approx
         return rows.to(base_rows.dtype), err

@@ -144,3 +144,31 @@ class Budgets:
                     raise BudgetError(f"{where}: layer {i} head {h}: a profile must be a "
                                       f"non-empty non-increasing list of counts in "
                                       f"[0, {self.block}]")
+
+
+def kept_tokens(profile: list[int], length: int, block: int, sinks: int, window: int) -> int:
+    """Tokens a head keeps of a context of ``length`` under a profile (sinks and window
+    counted once)."""
+    nb = -(-length // block)
+    return min(length, int(counts_for_blocks(profile, nb).sum()) + sinks + window)
+
+
+def scale_profiles(budgets: "Budgets", length: int, fraction: float) -> list:
+    """Profiles scaled by one factor for every head, so that the mean kept fraction of a
+    context of ``length`` tokens is ``fraction``: heads keep their calibrated shares (a head
+    that needed 3x the tokens of another still gets 3x), which is how a fixed KV budget is
+    spread adaptively. Counts are rounded and capped at the block size."""
+    def scaled(factor: float) -> list:
+        return [[[min(budgets.block, int(round(factor * c))) for c in prof] for prof in layer]
+                for layer in budgets.profiles]
+
+    def mean_kept(profiles: list) -> float:
+        kept = [kept_tokens(p, length, budgets.block, budgets.sinks, budgets.window)
+                for layer in profiles for p in layer]
+        return sum(kept) / (len(kept) * length)
+
+    lo, hi = 0.0, float(budgets.block)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_kept(scaled(mid)) < fraction else (lo, mid)
+    return scaled(hi)
