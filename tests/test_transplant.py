@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -153,3 +156,12 @@ def test_real_pair_subset_loads_and_generates(tmp_path):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     gen = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert gen.shape[1] == ids.shape[1] + 5
+    # and in vLLM, through the CLI (a second engine cannot share this test process)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tether.cli", "generate", "--model", str(out), "--regex",
+         "[A-Za-z ]{1,12}", "--max-tokens", "6", "--seed", "0", "--no-chat",
+         "The capital of France is"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["finish_reason"] in ("stop", "length")
+    assert re.fullmatch("[A-Za-z ]{0,12}", result["text"])

@@ -86,8 +86,11 @@ def batch_omp(targets: torch.Tensor, dictionary: torch.Tensor, k: int,
         if t:
             # <q_s, d_j> for the earlier atoms: column j of U (a gather, not a copy of U)
             a = U[:, :t].gather(2, j.view(B, 1, 1).expand(B, t, 1)).squeeze(2)  # [B, t]
-            for b in range(B):  # one matrix-vector product per target (bmm would copy U)
-                torch.addmv(u[b, 0], U[b, :t].T, a[b], alpha=-1.0, out=u[b, 0])
+            if device.type == "cuda":  # one batched product over the strided view
+                u.sub_(torch.bmm(a.unsqueeze(1), U[:, :t]))
+            else:  # one matrix-vector product per target (the CPU's bmm would copy U)
+                for b in range(B):
+                    torch.addmv(u[b, 0], U[b, :t].T, a[b], alpha=-1.0, out=u[b, 0])
         norm = u[rows, 0, j].clamp_min(1e-12).sqrt()  # ||d_j - projection||
         u.div_(norm[:, None, None])
         # the residual loses its component along the new orthonormal direction

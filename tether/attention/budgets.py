@@ -153,22 +153,32 @@ def kept_tokens(profile: list[int], length: int, block: int, sinks: int, window:
     return min(length, int(counts_for_blocks(profile, nb).sum()) + sinks + window)
 
 
-def scale_profiles(budgets: "Budgets", length: int, fraction: float) -> list:
-    """Profiles scaled by one factor for every head, so that the mean kept fraction of a
-    context of ``length`` tokens is ``fraction``: heads keep their calibrated shares (a head
-    that needed 3x the tokens of another still gets 3x), which is how a fixed KV budget is
-    spread adaptively. Counts are rounded and capped at the block size."""
-    def scaled(factor: float) -> list:
-        return [[[min(budgets.block, int(round(factor * c))) for c in prof] for prof in layer]
-                for layer in budgets.profiles]
+def scale_profiles(budgets: "Budgets", length: int, fraction: float,
+                   per_layer: bool = False) -> list:
+    """Profiles scaled so that the mean kept fraction of a context of ``length`` tokens is
+    ``fraction``. By one factor for every head of the model (``per_layer=False``): heads and
+    layers keep their calibrated shares (a head that needed 3x the tokens of another still
+    gets 3x), which is how a fixed KV budget is spread adaptively. With ``per_layer``, every
+    layer gets ``fraction`` and its heads share it in their calibrated proportions. Counts are
+    rounded and capped at the block size."""
+    def scaled(layer: list, factor: float) -> list:
+        return [[min(budgets.block, int(round(factor * c))) for c in prof] for prof in layer]
 
-    def mean_kept(profiles: list) -> float:
+    def mean_kept(layers: list) -> float:
         kept = [kept_tokens(p, length, budgets.block, budgets.sinks, budgets.window)
-                for layer in profiles for p in layer]
+                for layer in layers for p in layer]
         return sum(kept) / (len(kept) * length)
 
-    lo, hi = 0.0, float(budgets.block)
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mean_kept(scaled(mid)) < fraction else (lo, mid)
-    return scaled(hi)
+    def fit(layers: list) -> list:
+        lo, hi = 0.0, float(budgets.block)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if mean_kept([scaled(layer, mid) for layer in layers]) < fraction:
+                lo = mid
+            else:
+                hi = mid
+        return [scaled(layer, hi) for layer in layers]
+
+    if per_layer:
+        return [fit([layer])[0] for layer in budgets.profiles]
+    return fit(budgets.profiles)
