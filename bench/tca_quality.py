@@ -10,7 +10,8 @@ attention, then its KV cache is cut to the budget, then the continuation runs on
   itself (tau 0.9), whatever share that keeps;
 - StreamingLLM (sinks + recent window) and SnapKV (window 64, kernel 5): NVIDIA's kvpress
   0.5.5, in its own environment (bench/.envs/kvpress: it pins transformers < 5.3), same model
-  files, same token ids; each environment computes its own full-attention reference.
+  files, same token ids; each environment computes its own full-attention reference. Each
+  press's own ``compress`` runs on the one full prefill of a task (``kvpress_worker``).
 Measures, for contexts of 2k, 4k and 8k tokens from ``../shared/data/wikitext-2/valid.txt``:
 - fidelity: KL(full || method) of the next-token distributions over a 64-token continuation,
   and the continuation's perplexity;
@@ -152,31 +153,59 @@ def run_task(model, tokenizer, task: dict, variants, make_cache, during_prefill=
 # ------------------------------------------------------------------------ kvpress env worker
 
 def kvpress_worker(job: dict) -> list[dict]:
+    """StreamingLLM and SnapKV from kvpress at every budget, from one full prefill per task.
+
+    A press compresses each layer's cache in a hook after that layer's attention, from the
+    layer's inputs (hidden states, keys, values) of the full-attention prefill: later layers
+    never see the cut. So calling every press's own ``compress`` in one such hook, on one
+    prefill, gives each press exactly the cache its context manager would have left.
+    """
     import contextlib
 
     from kvpress import SnapKVPress, StreamingLLMPress
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch.set_grad_enabled(False)
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(job["model"])
+    presses = []
+    for budget in job["budgets"]:
+        presses.append(("streaming_llm", budget, StreamingLLMPress(1 - budget, n_sink=4)))
+        presses.append(("snapkv", budget, SnapKVPress(1 - budget, window_size=64)))
+    cut: dict = {}
+
+    def compress_all(module, args, kwargs, output):
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        for name, budget, press in presses:
+            keys, values = press.compress(module, kwargs["hidden_states"], layer.keys,
+                                          layer.values, output[1], kwargs)
+            cut.setdefault((name, budget), {})[module.layer_idx] = (keys, values)
+
+    class Capture:
+        def __enter__(self):
+            self.handles = [layer.self_attn.register_forward_hook(compress_all, with_kwargs=True)
+                            for layer in model.model.layers]
+
+        def __exit__(self, *exc):
+            for h in self.handles:
+                h.remove()
+
     out = []
     for t, task in enumerate(job["tasks"]):
+        cut.clear()
         variants = []
-        for budget in job["budgets"]:
-            for name, press in (("streaming_llm", StreamingLLMPress(1 - budget, n_sink=4)),
-                                ("snapkv", SnapKVPress(1 - budget, window_size=64))):
-                def prefill(ctx, full_cache, lengths, press=press):
-                    cache = DynamicCache(config=model.config)
-                    with press(model):
-                        model(input_ids=torch.tensor([ctx]), past_key_values=cache)
-                    kept = sum(cache_lengths(cache)) / (len(cache.layers) * len(ctx))
-                    return cache, contextlib.nullcontext(), kept
-                variants.append((name, budget, prefill))
-        rows = run_task(model, tokenizer, task, variants, lambda: DynamicCache(config=model.config))
+        for name, budget, _ in presses:
+            def prefill(ctx, full_cache, lengths, key=(name, budget)):
+                cache = DynamicCache(config=model.config)
+                for i in range(len(model.model.layers)):
+                    cache.update(*cut[key][i], i)
+                kept = sum(cache_lengths(cache)) / (len(cache.layers) * len(ctx))
+                return cache, contextlib.nullcontext(), kept
+            variants.append((name, budget, prefill))
+        rows = run_task(model, tokenizer, task, variants,
+                        lambda: DynamicCache(config=model.config), during_prefill=Capture())
         out.extend({"task": t, "env": "kvpress", **r} for r in rows)
         print(f"kvpress task {t + 1}/{len(job['tasks'])}", file=sys.stderr, flush=True)
     return out
