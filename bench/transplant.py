@@ -193,7 +193,9 @@ def main() -> None:
         if (work / method / "config.json").exists() and (
                 method != "mergekit-omp" or (work / f"{method}.run.json").exists()):
             bpb[method] = bits_per_byte(str(work / method), text)
-    out_path.write_text(json.dumps(results, indent=1))
+    # results name models, not this machine's paths
+    text_out = json.dumps(results, indent=1).replace(base, args.base).replace(donor, args.donor)
+    out_path.write_text(text_out.replace(str(work), "$TETHER_CACHE_DIR/bench/transplant"))
 
     if "speed" in results:
         s = results["speed"]
