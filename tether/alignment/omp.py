@@ -22,10 +22,7 @@ instead of the M d of a fresh correlation D r; it is the same arithmetic as upda
 alpha = alpha^0 - G_I gamma with a Cholesky factor of G_II, with the factor kept implicitly.
 
 Everything is batched over targets; memory is O(B M k) for the u_s, so the batch size bounds
-it. ``pool=P`` screens the dictionary per target: only the P atoms most correlated with the
-target itself are candidates (cost M t -> P t per step). The choice of atoms can then differ
-from exact OMP when a later residual correlates best with an atom outside the pool; without
-``pool`` (or with P >= M) the result is exact OMP. The Gram matrix can be kept in bfloat16 (it only steers the choice of atoms; the final
+it. The Gram matrix can be kept in bfloat16 (it only steers the choice of atoms; the final
 coefficients are re-fitted in float32 by least squares on the chosen atoms themselves).
 """
 
@@ -46,8 +43,7 @@ def gram(dictionary: torch.Tensor, dtype: torch.dtype | None = None,
 
 
 def batch_omp(targets: torch.Tensor, dictionary: torch.Tensor, k: int,
-              gram_matrix: torch.Tensor | None = None,
-              pool: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              gram_matrix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse codes of ``targets`` [B, d] over unit-norm ``dictionary`` rows [M, d].
 
     Returns ``(indices [B, t], coefficients [B, t])``, t <= k, such that
@@ -59,10 +55,6 @@ def batch_omp(targets: torch.Tensor, dictionary: torch.Tensor, k: int,
     device, ftype = targets.device, torch.float32
     G = gram(dictionary) if gram_matrix is None else gram_matrix
     alpha0 = targets.to(ftype) @ dictionary.to(ftype).T  # [B, M]
-    candidates = None  # [B, P] dictionary ids of each target's pool
-    if pool is not None and pool < dictionary.shape[0]:
-        candidates = alpha0.abs().topk(pool, dim=1).indices
-        alpha0 = alpha0.gather(1, candidates)
     M = alpha0.shape[1]
     k = min(k, M)
     alpha = alpha0.clone()
@@ -80,9 +72,8 @@ def batch_omp(targets: torch.Tensor, dictionary: torch.Tensor, k: int,
         if (top.abs() <= floor).all():
             break  # every target is already represented exactly
         chosen[:, t] = j
-        row = G[j] if candidates is None else G[candidates[rows, j]]
         u = U[:, t:t + 1]  # [B, 1, M], written in place
-        u.copy_((row if candidates is None else row.gather(1, candidates)).unsqueeze(1))
+        u.copy_(G[j].unsqueeze(1))
         if t:
             # <q_s, d_j> for the earlier atoms: column j of U (a gather, not a copy of U)
             a = U[:, :t].gather(2, j.view(B, 1, 1).expand(B, t, 1)).squeeze(2)  # [B, t]
@@ -98,8 +89,6 @@ def batch_omp(targets: torch.Tensor, dictionary: torch.Tensor, k: int,
         alpha[rows.unsqueeze(1), chosen[:, :t + 1]] = 0.0
         steps = t + 1
     indices = chosen[:, :steps]
-    if candidates is not None:
-        indices = candidates.gather(1, indices)
     return indices, refit(targets, dictionary, indices)
 
 

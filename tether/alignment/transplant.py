@@ -53,7 +53,6 @@ class TransplantReport:
     donor: str
     method: str
     k: int
-    pool: int | None
     donor_vocab: int
     copied: int = 0
     new: int = 0
@@ -128,7 +127,7 @@ def _device(name: str) -> torch.device:
 
 def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
                 shared: dict, new: list[int], *, base_vocab: Any, donor_vocab: Any, k: int,
-                batch_size: int, pool: int | None, device: torch.device,
+                batch_size: int, device: torch.device,
                 progress: bool = True,
                 timings: dict | None = None) -> tuple[torch.Tensor, float | None]:
     """Rows of the base space for the ``new`` donor tokens, and the mean relative
@@ -172,7 +171,7 @@ def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
     for start in tqdm(steps, desc="OMP", unit="batch", disable=not progress):
         ids = torch.tensor(new[start:start + batch_size])
         x = donor_rows[ids].to(device, torch.float32)
-        idx, coef = batch_omp(x, anchors, k, G, pool=pool)
+        idx, coef = batch_omp(x, anchors, k, G)
         recon = torch.einsum("bk,bkd->bd", coef, anchors[idx])
         errors.append(((recon - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).cpu())
         # coefficients were fitted on unit-norm anchors: rescale for the raw anchor rows'
@@ -185,13 +184,12 @@ def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
 
 
 def transplant(base: str, donor: str, out: str | Path, *, k: int = 64, method: str = "omp",
-               device: str = "auto", batch_size: int | None = None, pool: int | None = None,
+               device: str = "auto", batch_size: int | None = None,
                limit_new: int | None = None, progress: bool = True) -> TransplantReport:
     """Write to ``out`` the base model with the donor's tokenizer (see the module docstring).
 
     ``batch_size``: new tokens per OMP batch; memory grows as batch x k x anchors (default 32
-    on the CPU, 512 on a GPU). ``pool``: screen the anchors per target (see ``omp``); exact
-    OMP without it. ``limit_new``: only approximate the first N new tokens (the others get the
+    on the CPU, 512 on a GPU). ``limit_new``: only approximate the first N new tokens (the others get the
     mean base row), for tests and timing on a subset.
     """
     from tether.constraints import vocab_for
@@ -210,7 +208,7 @@ def transplant(base: str, donor: str, out: str | Path, *, k: int = 64, method: s
     dev = _device(device)
     if batch_size is None:
         batch_size = 512 if dev.type == "cuda" else 32
-    report = TransplantReport(str(base), str(donor), method, k, pool, donor_config["vocab_size"],
+    report = TransplantReport(str(base), str(donor), method, k, donor_config["vocab_size"],
                               device=str(dev))
 
     embed = _load_tensor(base_dir, EMBED_NAMES)
@@ -237,7 +235,7 @@ def transplant(base: str, donor: str, out: str | Path, *, k: int = 64, method: s
             rows[d] = base_rows[b].float()
         approx, err = approximate(method, base_rows, donor_rows, shared, fitted,
                                   base_vocab=base_vocab, donor_vocab=donor_vocab, k=k,
-                                  batch_size=batch_size, pool=pool, device=dev,
+                                  batch_size=batch_size, device=dev,
                                   progress=progress, timings=report.seconds)
         if fitted:
             rows[torch.tensor(fitted)] = approx

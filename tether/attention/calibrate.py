@@ -16,6 +16,7 @@ import torch
 
 from tether.attention.budgets import Budgets, cheapest_counts
 from tether.attention.hf import Probe, _repeat, kv_shape, load_model
+from tether.kernels.tca import token_scores
 
 
 class ScoreRecorder(Probe):
@@ -26,11 +27,10 @@ class ScoreRecorder(Probe):
         self.scores: dict[int, torch.Tensor] = {}
 
     def on_last_query(self, layer, q_last, keys, scaling, visible):
-        B, H, _ = q_last.shape
-        Hkv, L = keys.shape[1], keys.shape[2]
+        H, Hkv = q_last.shape[1], keys.shape[1]
         z = torch.einsum("bhd,bhld->bhl", q_last.float(), _repeat(keys.float(), H // Hkv))
         z = (z * scaling).masked_fill(~visible[:, None, :], float("-inf"))
-        self.scores[layer] = torch.softmax(z, -1).view(B, Hkv, H // Hkv, L).mean(2)[0].cpu()
+        self.scores[layer] = token_scores(z, Hkv)[0].cpu()
 
 
 def calibration_ids(model, tokenizer, text: str | None, tokens: int, seed: int) -> torch.Tensor:
