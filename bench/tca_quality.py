@@ -6,9 +6,11 @@ attention, then its KV cache is cut to the budget, then the continuation runs on
   calibration (``tether calibrate``, tau 0.9, blocks of 128, on the first 2,048 tokens of
   WikiText-2 validation, which the evaluation windows skip); every layer keeps the budget's
   share, its heads split it in their calibrated proportions (``scale_profiles(per_layer=
-  True)``); selection from the context's last query. ``tca_tau`` is the calibrated budget
-  itself (tau 0.9), whatever share that keeps;
-- StreamingLLM (sinks + recent window) and SnapKV (window 64, kernel 5): NVIDIA's kvpress
+  True)``); token scores pooled over the context's last 128 queries, a recent window of 128
+  tokens and 4 sinks always kept (``--observe``, ``--window``). ``tca_tau`` is the calibrated
+  budget itself (tau 0.9), whatever share that keeps;
+- StreamingLLM (4 sinks + recent window) and SnapKV (observation window 64, kvpress's
+  default, and 128, TCA's; kernel 5): NVIDIA's kvpress
   0.5.5, in its own environment (bench/.envs/kvpress: it pins transformers < 5.3), same model
   files, same token ids; each environment computes its own full-attention reference. Each
   press's own ``compress`` runs on the one full prefill of a task (``kvpress_worker``).
@@ -174,6 +176,7 @@ def kvpress_worker(job: dict) -> list[dict]:
     for budget in job["budgets"]:
         presses.append(("streaming_llm", budget, StreamingLLMPress(1 - budget, n_sink=4)))
         presses.append(("snapkv", budget, SnapKVPress(1 - budget, window_size=64)))
+        presses.append(("snapkv_w128", budget, SnapKVPress(1 - budget, window_size=128)))
     cut: dict = {}
 
     def compress_all(module, args, kwargs, output):
@@ -226,24 +229,24 @@ def tether_rows(model_name: str, tasks: list[dict], budget_file: Path,
     budgets = Budgets.load(budget_file, num_layers=layers, num_kv_heads=kv_heads,
                            model=model_name)
 
-    def select_layer(q_last, keys, scaling, profiles):
+    def select_layer(queries, keys, scaling, profiles):
         L = keys.shape[2]
         cache, table = dense_to_paged(keys, page=64)
-        _, _, mask = select(q_last, cache, table, torch.tensor([L]), profiles, block=budgets.block,
+        _, _, mask = select(queries, cache, table, torch.tensor([L]), profiles, block=budgets.block,
                             sinks=budgets.sinks, window=budgets.window, scale=scaling)
         return mask[:, :, :L]
 
     class Selector(Probe):
-        """Selects, from each layer's last context query, the tokens every budget keeps."""
+        """Selects, from each layer's last context queries, the tokens every budget keeps."""
 
         def __init__(self, plans):
-            super().__init__()
+            super().__init__(budgets.observe)
             self.plans = plans  # name -> per-layer profiles
             self.masks = {name: {} for name in plans}
 
-        def on_last_query(self, layer, q_last, keys, scaling, visible):
+        def on_last_queries(self, layer, queries, keys, scaling, visible):
             for name, profiles in self.plans.items():
-                self.masks[name][layer] = select_layer(q_last, keys, scaling, profiles[layer])
+                self.masks[name][layer] = select_layer(queries, keys, scaling, profiles[layer])
 
     out = []
     for t, task in enumerate(tasks):
@@ -318,7 +321,7 @@ def plot(table: list[dict], path: Path) -> None:
     lengths = sorted({r["length"] for r in table})
     fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
     for ax, L in zip(axes[0], lengths):
-        for method in ("tca", "streaming_llm", "snapkv"):
+        for method in ("tca", "streaming_llm", "snapkv", "snapkv_w128"):
             pts = sorted((r["budget"], r["kl"]) for r in table
                          if r["length"] == L and r["method"] == method and r["kl"] is not None)
             if pts:
@@ -342,6 +345,9 @@ def main() -> None:
     ap.add_argument("--depths", type=int, default=3, help="pass-key depths per length")
     ap.add_argument("--continuation", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--window", type=int, default=128, help="TCA's recent window (tokens)")
+    ap.add_argument("--observe", type=int,
+                    help="last context queries whose scores TCA pools (default: calibrate's)")
     ap.add_argument("--skip-kvpress", action="store_true")
     ap.add_argument("--setup-kvpress", action="store_true",
                     help="create bench/.envs/kvpress with kvpress 0.5.5, then run")
@@ -369,11 +375,12 @@ def main() -> None:
     tasks = build_tasks(tokenizer, lengths, args.windows, args.depths, args.continuation,
                         args.seed)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    budget_file = RESULTS / f"tca_budgets_{args.model}.json"
+    budget_file = Path(args.out).with_name(f"tca_budgets_{args.model}.json")
     t0 = time.perf_counter()
     calibrate_to_file(args.model, budget_file, tau=0.9, block=128,
                       text=WIKITEXT.read_text(encoding="utf-8")[:200_000],
-                      tokens=CALIBRATION_TOKENS)
+                      tokens=CALIBRATION_TOKENS, window=args.window,
+                      **({"observe": args.observe} if args.observe else {}))
     timing = {"calibrate_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
     rows = tether_rows(args.model, tasks, budget_file, budgets)

@@ -11,7 +11,7 @@ import torch
 
 from tether.attention.budgets import (Budgets, BudgetError, cheapest_assignment, cheapest_counts,
                                      counts_for_blocks)
-from tether.attention.select import dense_to_paged, keep_counts, select
+from tether.attention.select import dense_to_paged, keep_counts, pooled_scores, select
 from tether.kernels import tca
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -37,6 +37,27 @@ def test_paged_references_equal_dense_attention():
     want = torch.nn.functional.scaled_dot_product_attention(
         q[:, :, None], k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))[:, :, 0]
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_pooled_scores_average_each_querys_causal_softmax():
+    """The observation window: query j of w sits at position L - w + j and sees keys up to
+    there; the pooled score is the mean over queries (and the KV head's group) of softmax."""
+    g = torch.Generator().manual_seed(1)
+    B, w, H, Hkv, L, D = 2, 5, 4, 2, 29, 8
+    q = torch.randn(B, w, H, D, generator=g)
+    k = torch.randn(B, Hkv, L, D, generator=g)
+    kc, table = dense_to_paged(k, page=8)
+    pooled = pooled_scores(q, kc, table, torch.tensor([L, L]), impl="torch")
+    z = torch.einsum("bwhd,bhld->bwhl", q, k.repeat_interleave(H // Hkv, 1)) * D ** -0.5
+    qpos = torch.arange(L - w, L)
+    future = torch.arange(L)[None, :] > qpos[:, None]  # [w, L]
+    z = z.masked_fill(future[None, :, None, :], float("-inf"))
+    want = torch.softmax(z, -1).view(B, w, Hkv, H // Hkv, L).mean(dim=(1, 3))
+    torch.testing.assert_close(pooled[:, :, :L], want)
+    torch.testing.assert_close(pooled.sum(-1), torch.ones(B, Hkv))
+    assert (pooled[:, :, L:] == 0).all()
+    with pytest.raises(ValueError, match="at least 5 tokens"):
+        pooled_scores(q, kc, table, torch.tensor([L, 4]), impl="torch")
 
 
 def test_block_stats_formula():
@@ -176,12 +197,12 @@ def test_calibration_keeps_tau_of_the_mass(smollm2_hf, tmp_path):
     from tether.attention.calibrate import ScoreRecorder, calibrate
 
     budgets = calibrate("smollm2", tau=0.8, block=32, tokens=256, sinks=4, window=16,
-                        text=WIKITEXT.read_text()[:20000])
+                        observe=8, text=WIKITEXT.read_text()[:20000])
     model, tok = smollm2_hf
     assert len(budgets.profiles) == model.config.num_hidden_layers
     assert all(len(p) == model.config.num_key_value_heads for p in budgets.profiles)
     ids = tok(WIKITEXT.read_text()[:20000], return_tensors="pt").input_ids[:, :256]
-    recorder = ScoreRecorder()
+    recorder = ScoreRecorder(observe=8)
     with recorder, torch.no_grad():
         model(ids)
     pos = torch.arange(256)
@@ -198,12 +219,14 @@ def test_calibration_keeps_tau_of_the_mass(smollm2_hf, tmp_path):
             assert sum(profile) < 256  # cheaper than keeping everything
     budgets.save(tmp_path / "b.json")
     loaded = Budgets.load(tmp_path / "b.json", num_layers=30, num_kv_heads=3, model="smollm2")
-    assert loaded.tau == 0.8
+    assert (loaded.tau, loaded.observe) == (0.8, 8)
 
 
 def test_select_on_a_real_layer_is_consistent(smollm2_hf):
-    """Selection of one real layer's keys: counts respect the profile and the kept tokens
-    carry at least the mass a uniform choice of the same size would."""
+    """Selection of one real layer's keys from a window of its last queries: its pooled scores
+    equal calibration's (dense, another code path), sinks and window do not use up keep counts
+    (exactly the profile's tokens plus sinks plus window are kept), and the kept tokens carry
+    more mass than a uniform choice of the same size."""
     from tether.attention.calibrate import ScoreRecorder
 
     model, tok = smollm2_hf
@@ -212,23 +235,27 @@ def test_select_on_a_real_layer_is_consistent(smollm2_hf):
     keys = {}
 
     class Grab(ScoreRecorder):
-        def on_last_query(self, layer, q_last, k, scaling, visible):
-            super().on_last_query(layer, q_last, k, scaling, visible)
-            keys[layer] = (q_last, k, scaling)
+        def on_last_queries(self, layer, queries, k, scaling, visible):
+            super().on_last_queries(layer, queries, k, scaling, visible)
+            keys[layer] = (queries, k, scaling)
 
-    with Grab() as rec, torch.no_grad():
+    with Grab(observe=16) as rec, torch.no_grad():
         model(ids)
-    q_last, k, scaling = keys[5]
+    queries, k, scaling = keys[5]
+    assert queries.shape[:2] == (1, 16)
     kc, table = dense_to_paged(k, page=16)
+    torch.testing.assert_close(pooled_scores(queries, kc, table, torch.tensor([128]),
+                                             scaling)[0, :, :128], rec.scores[5])
     profiles = [[8, 4, 2, 1]] * k.shape[1]
-    idx, cnt, mask = select(q_last, kc, table, torch.tensor([128]), profiles, block=32,
+    idx, cnt, mask = select(queries, kc, table, torch.tensor([128]), profiles, block=32,
                             sinks=2, window=8, scale=scaling)
     assert cnt.tolist() == [[int(m.sum()) for m in mask[0]]]
     for h in range(k.shape[1]):
         s = rec.scores[5][h]
         kept = float(s[mask[0, h, :128]].sum())
         assert kept > float(cnt[0, h]) / 128  # better than uniform
-        assert int(cnt[0, h]) <= 8 + 4 + 2 + 1 + 2 + 8
+        assert int(cnt[0, h]) == 8 + 4 + 2 + 1 + 2 + 8
+        assert mask[0, h, :2].all() and mask[0, h, 120:128].all()
 
 
 @pytest.mark.skipif(not WIKITEXT.exists(), reason="needs ../shared/data/wikitext-2")
@@ -246,7 +273,8 @@ def test_calibrate_cli(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["layers"] == 30 and summary["kv_heads"] == 3
     assert 0 < summary["min_kept_fraction"] <= summary["mean_kept_fraction"] <= 1
-    assert Budgets.load(out, num_layers=30, num_kv_heads=3).block == 32
+    loaded = Budgets.load(out, num_layers=30, num_kv_heads=3)
+    assert (loaded.block, loaded.window, loaded.observe) == (32, 128, 128)
     bad = subprocess.run(cmd[:-1] + ["30"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2
     assert "power of two" in bad.stderr and "Traceback" not in bad.stderr

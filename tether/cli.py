@@ -106,7 +106,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     text = Path(args.text).read_text(encoding="utf-8") if args.text else None
     budgets = calibrate_to_file(args.model, args.out, tau=args.tau, block=args.block, text=text,
                                 tokens=args.tokens, sinks=args.sinks, window=args.window,
-                                seed=args.seed, device=args.device)
+                                observe=args.observe, seed=args.seed, device=args.device)
     kept = [f for layer in budgets.kept_fraction for f in layer]
     print(json.dumps({"out": str(args.out), "model": budgets.model, "tokens": budgets.tokens,
                       "layers": budgets.num_layers, "kv_heads": budgets.num_kv_heads,
@@ -191,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate", help="per-head KV budgets for TCA-Attention (one forward pass)",
         description="Run MODEL once over calibration text and write, for every layer and KV "
         "head, the cheapest keep-count profile over selection blocks (counts 1, 2, 4, ..., "
-        "block) whose tokens keep at least TAU of the last query's attention mass, sinks and "
-        "recent window included. Without --text the model samples its own calibration text.")
+        "block) whose tokens keep at least TAU of the attention mass of the last OBSERVE queries "
+        "(their scores averaged), sinks and recent window included. Without --text the model "
+        "samples its own calibration text.")
     p_cal.add_argument("model", nargs="?", default="smollm2",
                        help="registered name, HF directory or hub id (default: smollm2)")
     p_cal.add_argument("--out", required=True, help="budgets file to write (JSON)")
@@ -201,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal.add_argument("--text", help="calibration text file (UTF-8)")
     p_cal.add_argument("--tokens", type=int, default=2048, help="calibration length in tokens")
     p_cal.add_argument("--sinks", type=int, default=4, help="first tokens always kept")
-    p_cal.add_argument("--window", type=int, default=64, help="recent tokens always kept")
+    p_cal.add_argument("--window", type=int, default=128, help="recent tokens always kept")
+    p_cal.add_argument("--observe", type=int, default=128,
+                       help="last queries whose attention scores select tokens (the paper: 1)")
     p_cal.add_argument("--seed", type=int, default=0, help="seed of self-generated text")
     p_cal.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p_cal.set_defaults(func=_cmd_calibrate)

@@ -3,9 +3,10 @@
 ``load_model(name)`` loads a causal LM with the attention implementation ``"tether_tca"``:
 SDPA as usual, plus two hooks driven by the active ``Probe`` (``with probe: model(...)``):
 
-* ``probe.on_last_query(layer, q_last, keys, scaling)`` sees every layer's last query
-  ``[B, H, D]`` and keys ``[B, Hkv, L, D]`` (after RoPE) on each forward: calibration records
-  the scores, selection picks the tokens to keep;
+* ``probe.on_last_queries(layer, queries, keys, scaling, visible)`` sees every layer's last
+  ``probe.observe`` queries ``[B, w, H, D]``, keys ``[B, Hkv, L, D]`` (after RoPE) and which
+  keys each of those queries may see ``[B, w, L]``, on each forward: calibration records the
+  scores, selection picks the tokens to keep;
 * ``probe.keep[layer]``, a bool mask ``[B, Hkv, L0]`` over the first L0 cached positions,
   hides the others from every later query of that layer: the same outputs as dropping them
   from the cache.
@@ -22,11 +23,13 @@ NAME = "tether_tca"
 
 
 class Probe:
-    """Base class: does nothing. Subclasses override ``on_last_query``."""
+    """Base class: does nothing. Subclasses override ``on_last_queries``; ``observe`` is how
+    many of the last queries they see."""
 
-    def __init__(self) -> None:
+    def __init__(self, observe: int = 1) -> None:
         self.keep: dict[int, torch.Tensor] = {}
         self.record = True
+        self.observe = observe
 
     def __enter__(self) -> "Probe":
         global _ACTIVE
@@ -37,8 +40,8 @@ class Probe:
         global _ACTIVE
         _ACTIVE = self._previous
 
-    def on_last_query(self, layer: int, q_last: torch.Tensor, keys: torch.Tensor,
-                      scaling: float, visible: torch.Tensor | None) -> None:
+    def on_last_queries(self, layer: int, queries: torch.Tensor, keys: torch.Tensor,
+                        scaling: float, visible: torch.Tensor) -> None:
         pass
 
 
@@ -69,7 +72,9 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0,
     scaling = D ** -0.5 if scaling is None else scaling
     visible = _as_bool(attention_mask, q_len, k_len, query.device)
     if probe.record:
-        probe.on_last_query(layer, query[:, :, -1], key, scaling, visible[:, 0, -1])
+        w = min(probe.observe, q_len)
+        probe.on_last_queries(layer, query[:, :, -w:].transpose(1, 2), key, scaling,
+                              visible[:, 0, -w:])
     keep = probe.keep.get(layer)
     if keep is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,

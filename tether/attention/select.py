@@ -1,10 +1,13 @@
 r"""Online TCA selection of one layer's KV tokens, from the kernels in ``tether.kernels.tca``.
 
-For each sequence and KV head: token scores s from the last query (the mean over the head's
-group of query heads of softmax(scale q K^T)); selection blocks of ``block`` tokens scored by
+For each sequence and KV head: token scores s from the sequence's last ``w`` queries (the
+observation window; the paper uses w = 1): s_t = (1 / w) sum_j mean_{h in group}
+softmax_t(scale q_{j,h} K^T), each query j seeing the keys up to its own position, so s
+still sums to 1. Selection blocks of ``block`` tokens scored by
 h (see the kernels' docstring); blocks ranked by h get keep counts from the head's calibrated
 profile (``budgets.counts_for_blocks``); the top tokens of every block are kept, with the
-first ``sinks`` and the last ``window`` tokens always. Everything stays on the tensors'
+first ``sinks`` and the last ``window`` tokens always. Those always-kept tokens are left out
+of h and of the keep counts (their scores count as 0), as calibration leaves them out. Everything stays on the tensors'
 device; the one host read is the largest kept count (the width of the index table).
 """
 
@@ -39,28 +42,56 @@ def keep_counts(h: torch.Tensor, lengths: torch.Tensor, profiles: torch.Tensor,
     return profiles[heads].gather(1, col.clamp_min(0)).to(torch.int32)
 
 
-def select(q_last: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+def pooled_scores(queries: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor, scale: float | None = None,
+                  impl: str = "auto") -> torch.Tensor:
+    """Token scores ``[S, Hkv, W]`` of the last ``w`` queries ``queries [S, w, H, D]`` of each
+    sequence (query j at position ``seq_len - w + j``, causal), averaged over the queries.
+
+    Kernel (a) scores all ``S * w`` queries in one launch: each query is a row with its
+    sequence's block table and its own length."""
+    S, w, H, D = queries.shape
+    Hkv = key_cache.shape[2]
+    if seq_lens.device.type == "cpu" and int(seq_lens.min()) < w:  # no device sync
+        raise ValueError(f"an observation window of {w} queries needs sequences of at least "
+                         f"{w} tokens; the shortest has {int(seq_lens.min())}")
+    lens = seq_lens.to(queries.device).to(torch.long)
+    back = torch.arange(w - 1, -1, -1, device=queries.device)
+    rows_len = (lens[:, None] - back[None, :]).reshape(S * w)
+    logits = tca.paged_scores(queries.reshape(S * w, H, D), key_cache,
+                              block_table.repeat_interleave(w, dim=0), rows_len, scale,
+                              impl=impl)
+    return tca.token_scores(logits, Hkv).view(S, w, Hkv, -1).mean(dim=1)
+
+
+def select(queries: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Tensor,
            seq_lens: torch.Tensor, profiles: list[list[int]], *, block: int, sinks: int,
            window: int, alpha: float = 0.5, scale: float | None = None,
            impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Selected positions of one layer: ``(indices [S, Hkv, K], counts [S, Hkv], mask
-    [S, Hkv, W])`` for the last queries ``q_last [S, H, D]`` over the paged keys.
+    [S, Hkv, W])`` for the last queries ``queries [S, w, H, D]`` (or the last query alone,
+    ``[S, H, D]``) over the paged keys.
 
     ``profiles``: one keep-count profile per KV head (``Budgets.profiles[layer]``).
     """
-    S = q_last.shape[0]
+    if queries.dim() == 3:
+        queries = queries[:, None]
+    S = queries.shape[0]
+    device = queries.device
     Hkv = key_cache.shape[2]
     if len(profiles) != Hkv:
         raise ValueError(f"{len(profiles)} head profiles for {Hkv} KV heads")
-    logits = tca.paged_scores(q_last, key_cache, block_table, seq_lens, scale, impl=impl)
-    scores = tca.token_scores(logits, Hkv)  # [S, Hkv, W]
+    scores = pooled_scores(queries, key_cache, block_table, seq_lens, scale, impl)
     W = scores.shape[-1]
-    flat = scores.reshape(S * Hkv, W)
-    lengths = seq_lens.to(q_last.device).repeat_interleave(Hkv)
+    lengths = seq_lens.to(device).repeat_interleave(Hkv)
+    # sinks and window are kept anyway: they neither rank blocks nor use up keep counts
+    pos = torch.arange(W, device=device)[None, :]
+    always = (pos < sinks) | (pos >= lengths[:, None] - window)
+    flat = scores.reshape(S * Hkv, W).masked_fill(always, 0.0)
     h = tca.block_stats(flat, block, alpha, impl=impl)
-    heads = torch.arange(Hkv, device=q_last.device).repeat(S)
-    table = profile_table(profiles, q_last.device)
-    calibrated = torch.tensor([len(p) for p in profiles], device=q_last.device)
+    heads = torch.arange(Hkv, device=device).repeat(S)
+    table = profile_table(profiles, device)
+    calibrated = torch.tensor([len(p) for p in profiles], device=device)
     keep = keep_counts(h, lengths, table, heads, block, calibrated)
     mask = tca.block_topk(flat, keep, lengths, block, sinks, window, impl=impl)
     indices, counts = tca.compact(mask)

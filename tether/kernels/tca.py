@@ -19,7 +19,7 @@ Three steps, one kernel each:
 
     the block's mass plus how evenly it is spread (the second term is 1 - 1/n_eff, with n_eff
     the block's effective number of tokens; 0 for an empty block). Blocks are ranked by h and
-    given keep counts from the head's budget (``tether.attention.tca``); ``block_topk`` keeps
+    given keep counts from the head's budget (``tether.attention.select``); ``block_topk`` keeps
     the top-count tokens of each block (ties go to the earlier position), plus the first
     ``sinks`` tokens and the last ``window`` tokens of the sequence, always.
 (c) ``sparse_paged_attention``: attention of queries over their sequence's selected tokens in
