@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 FORMAT = "tether-tca-budgets/1"
-OBSERVE = 128  # last queries whose scores are pooled (``select.pooled_scores``)
+OBSERVE = 128  # calibration's default: last queries whose scores are pooled (select.pooled_scores)
 
 
 class BudgetError(ValueError):
@@ -93,7 +93,7 @@ class Budgets:
     tokens: int
     profiles: list
     kept_fraction: list | None = None
-    observe: int = OBSERVE
+    observe: int = 1  # files written before the observation window: the last query alone
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, **self.__dict__}
