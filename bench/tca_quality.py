@@ -6,8 +6,9 @@ attention, then its KV cache is cut to the budget, then the continuation runs on
   calibration (``tether calibrate``, tau 0.9, blocks of 128, on the first 2,048 tokens of
   WikiText-2 validation, which the evaluation windows skip); every layer keeps the budget's
   share, its heads split it in their calibrated proportions (``scale_profiles(per_layer=
-  True)``); token scores pooled over the context's last 128 queries, a recent window of 128
-  tokens and 4 sinks always kept (``--observe``, ``--window``). ``tca_tau`` is the calibrated
+  True)``); token scores pooled over the context's last 128 queries; 4 sinks and a recent
+  window of 3/4 of the budget (at least 128 tokens) always kept (``budgets.plan``;
+  ``--observe``, ``--recent``, ``--window``). ``tca_tau`` is the calibrated
   budget itself (tau 0.9), whatever share that keeps;
 - StreamingLLM (4 sinks + recent window) and SnapKV (observation window 64, kvpress's
   default, and 128, TCA's; kernel 5): NVIDIA's kvpress
@@ -217,10 +218,10 @@ def kvpress_worker(job: dict) -> list[dict]:
 # --------------------------------------------------------------------------- tether (main env)
 
 def tether_rows(model_name: str, tasks: list[dict], budget_file: Path,
-                budgets_list: list[float]) -> list[dict]:
+                budgets_list: list[float], recent: float | None) -> list[dict]:
     from transformers import DynamicCache
 
-    from tether.attention.budgets import Budgets, scale_profiles
+    from tether.attention.budgets import Budgets, plan
     from tether.attention.hf import Probe, kv_shape, load_model
     from tether.attention.select import dense_to_paged, select
 
@@ -229,11 +230,11 @@ def tether_rows(model_name: str, tasks: list[dict], budget_file: Path,
     budgets = Budgets.load(budget_file, num_layers=layers, num_kv_heads=kv_heads,
                            model=model_name)
 
-    def select_layer(queries, keys, scaling, profiles):
+    def select_layer(queries, keys, scaling, profiles, window):
         L = keys.shape[2]
         cache, table = dense_to_paged(keys, page=64)
         _, _, mask = select(queries, cache, table, torch.tensor([L]), profiles, block=budgets.block,
-                            sinks=budgets.sinks, window=budgets.window, scale=scaling)
+                            sinks=budgets.sinks, window=window, scale=scaling)
         return mask[:, :, :L]
 
     class Selector(Probe):
@@ -246,18 +247,22 @@ def tether_rows(model_name: str, tasks: list[dict], budget_file: Path,
 
         def on_last_queries(self, layer, queries, keys, scaling, visible):
             for name, profiles in self.plans.items():
-                self.masks[name][layer] = select_layer(queries, keys, scaling, profiles[layer])
+                self.masks[name][layer] = select_layer(queries, keys, scaling, profiles[layer],
+                                                       self.windows[name])
 
     out = []
     for t, task in enumerate(tasks):
         L = len(task["context"])
         # every layer gets the budget share, its heads split it in calibrated proportions
         # (spreading one model-wide share by calibrated needs starved the later layers: KL
-        # 0.27 vs 0.22 at 20% on 1,024-token contexts)
-        plans = {f"tca@{b}": scale_profiles(budgets, L, b, per_layer=True)
-                 for b in budgets_list}
-        plans["tca@tau"] = budgets.profiles
+        # 0.27 vs 0.22 at 20% on 1,024-token contexts); ``plan`` sizes the recent window
+        plans, windows = {}, {}
+        for b in budgets_list:
+            plans[f"tca@{b}"], windows[f"tca@{b}"] = plan(
+                budgets, L, b, **({"recent": recent} if recent is not None else {}))
+        plans["tca@tau"], windows["tca@tau"] = budgets.profiles, budgets.window
         selector = Selector(plans)
+        selector.windows = windows
         variants = []
         for name in plans:
             # one full prefill serves every budget: the cache is cropped back to the context
@@ -346,6 +351,8 @@ def main() -> None:
     ap.add_argument("--continuation", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--window", type=int, default=128, help="TCA's recent window (tokens)")
+    ap.add_argument("--recent", type=float,
+                    help="share of each budget TCA gives the recent window (default: plan's)")
     ap.add_argument("--observe", type=int,
                     help="last context queries whose scores TCA pools (default: calibrate's)")
     ap.add_argument("--skip-kvpress", action="store_true")
@@ -383,7 +390,7 @@ def main() -> None:
                       **({"observe": args.observe} if args.observe else {}))
     timing = {"calibrate_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    rows = tether_rows(args.model, tasks, budget_file, budgets)
+    rows = tether_rows(args.model, tasks, budget_file, budgets, args.recent)
     timing["tether_s"] = time.perf_counter() - t0
     if not args.skip_kvpress:
         if not KVPRESS_PY.exists():

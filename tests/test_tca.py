@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tether.attention.budgets import (Budgets, BudgetError, cheapest_assignment, cheapest_counts,
-                                     counts_for_blocks)
+                                     counts_for_blocks, kept_tokens, plan)
 from tether.attention.select import dense_to_paged, keep_counts, pooled_scores, select
 from tether.kernels import tca
 
@@ -147,6 +147,24 @@ def test_budgets_file_is_validated(tmp_path):
     path.write_text("{}")
     with pytest.raises(BudgetError, match="not a TCA budgets file"):
         Budgets.load(path)
+
+
+def test_plan_gives_the_window_its_share_and_keeps_the_budget():
+    """Heads needing 4x the tokens of others keep about 4x the scored tokens; every layer
+    keeps the budget; the window is ``recent`` of it, never below the calibrated window."""
+    b = Budgets(model="m", num_layers=2, num_kv_heads=2, tau=0.9, block=64, sinks=4,
+                window=32, tokens=1024, profiles=[[[16] * 16, [4] * 16], [[8] * 16, [8] * 16]])
+    for length, fraction in ((1024, 0.2), (4096, 0.4), (4096, 0.05)):
+        profiles, window = plan(b, length, fraction, recent=0.5)
+        assert window == max(32, int(0.5 * fraction * length))
+        for layer in profiles:
+            kept = [kept_tokens(p, length, 64, 4, window) for p in layer]
+            share = sum(kept) / (len(kept) * length)  # counts round: one token a block
+            assert fraction - 1e-9 <= share <= fraction + (length // 64) / length
+        if fraction >= 0.2:
+            scored = [sum(counts_for_blocks(p, -(-length // 64)).tolist()) for p in profiles[0]]
+            assert 3 < scored[0] / scored[1] < 5
+    assert plan(b, 1024, 0.2, recent=0.0)[1] == 32
 
 
 @pytest.fixture(scope="module")
