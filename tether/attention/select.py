@@ -3,12 +3,13 @@ r"""Online TCA selection of one layer's KV tokens, from the kernels in ``tether.
 For each sequence and KV head: token scores s from the sequence's last ``w`` queries (the
 observation window; the paper uses w = 1): s_t = (1 / w) sum_j mean_{h in group}
 softmax_t(scale q_{j,h} K^T), each query j seeing the keys up to its own position, so s
-still sums to 1. Selection blocks of ``block`` tokens scored by
-h (see the kernels' docstring); blocks ranked by h get keep counts from the head's calibrated
-profile (``budgets.counts_for_blocks``); the top tokens of every block are kept, with the
-first ``sinks`` and the last ``window`` tokens always. Those always-kept tokens are left out
-of h and of the keep counts (their scores count as 0), as calibration leaves them out. Everything stays on the tensors'
-device; the one host read is the largest kept count (the width of the index table).
+still sums to 1. Selection blocks of ``block`` tokens scored by h (see the kernels'
+docstring); blocks ranked by h get keep counts from the head's calibrated profile
+(``budgets.counts_for_blocks``); the top tokens of every block are kept, with the first
+``sinks`` and the last ``window`` tokens always. Those always-kept tokens are left out of h
+and of the keep counts (their scores count as 0), as calibration leaves them out. Everything
+stays on the tensors' device; the one host read is the largest kept count (the width of the
+index table).
 """
 
 from __future__ import annotations
