@@ -141,6 +141,27 @@ def omp_inputs_mean_head(work: Path) -> Path:
     return out
 
 
+def rows_agreement(work: Path) -> dict:
+    """How close tether's and mergekit's approximated rows are (both OMP, k = 64): cosine and
+    norm ratio per row, over the rows the two outputs do not share exactly (the copies)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def embed(model_dir: Path) -> torch.Tensor:
+        tensors: dict = {}
+        for f in sorted(model_dir.glob("*.safetensors")):
+            tensors.update(load_file(str(f)))
+        return tensors["model.embed_tokens.weight"].float()
+
+    a, b = embed(work / "tether-omp"), embed(work / "mergekit-omp")
+    same = (a == b).all(dim=1)
+    cos = torch.nn.functional.cosine_similarity(a[~same], b[~same], dim=1)
+    ratio = a[~same].norm(dim=1) / b[~same].norm(dim=1).clamp_min(1e-12)
+    return {"identical_rows": int(same.sum()), "differing_rows": int((~same).sum()),
+            "cosine_mean": float(cos.mean()), "cosine_median": float(cos.median()),
+            "cosine_p10": float(cos.quantile(0.1)), "norm_ratio_mean": float(ratio.mean())}
+
+
 def bits_per_byte(model_dir: str, text: str, window: int = 1024) -> dict:
     """Total NLL (bits) of ``text`` over its UTF-8 bytes, in windows led by BOS/EOS."""
     import torch
@@ -217,6 +238,8 @@ def main() -> None:
         if (work / method / "config.json").exists() and (
                 method != "mergekit-omp" or (work / f"{method}.run.json").exists()):
             bpb[method] = bits_per_byte(str(work / method), text)
+    if "tether-omp" in bpb and "mergekit-omp" in bpb:
+        results["rows_tether_vs_mergekit"] = rows_agreement(work)
     if "tether-omp" in bpb and "mean" in bpb:
         bpb["omp inputs, mean head (diagnostic)"] = bits_per_byte(
             str(omp_inputs_mean_head(work)), text)
