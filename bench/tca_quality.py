@@ -5,11 +5,11 @@ attention, then its KV cache is cut to the budget, then the continuation runs on
 - TCA (ours, transformers with the attention routed through ``tether.attention``): one
   calibration (``tether calibrate``, tau 0.9, blocks of 128, on the first 2,048 tokens of
   WikiText-2 validation, which the evaluation windows skip); every layer keeps the budget's
-  share, its heads split it in their calibrated proportions (``scale_profiles(per_layer=
-  True)``); token scores pooled over the context's last 128 queries; 4 sinks and a recent
-  window of 3/4 of the budget (at least 128 tokens) always kept (``budgets.plan``;
-  ``--observe``, ``--recent``, ``--window``). ``tca_tau`` is the calibrated
-  budget itself (tau 0.9), whatever share that keeps;
+  share, its heads split it in their calibrated proportions (``scale_profiles``); token
+  scores pooled over the context's last 128 queries; 4 sinks and a recent window of 3/4 of
+  the budget (at least 128 tokens) always kept (``budgets.plan``; ``--observe``,
+  ``--recent``, ``--window``). ``tca_tau`` is the calibrated budget itself (tau 0.9),
+  whatever share that keeps;
 - StreamingLLM (4 sinks + recent window) and SnapKV (observation window 64, kvpress's
   default, and 128, TCA's; kernel 5): NVIDIA's kvpress
   0.5.5, in its own environment (bench/.envs/kvpress: it pins transformers < 5.3), same model
@@ -240,9 +240,9 @@ def tether_rows(model_name: str, tasks: list[dict], budget_file: Path,
     class Selector(Probe):
         """Selects, from each layer's last context queries, the tokens every budget keeps."""
 
-        def __init__(self, plans):
+        def __init__(self, plans, windows):
             super().__init__(budgets.observe)
-            self.plans = plans  # name -> per-layer profiles
+            self.plans, self.windows = plans, windows  # name -> per-layer profiles, window
             self.masks = {name: {} for name in plans}
 
         def on_last_queries(self, layer, queries, keys, scaling, visible):
@@ -253,16 +253,14 @@ def tether_rows(model_name: str, tasks: list[dict], budget_file: Path,
     out = []
     for t, task in enumerate(tasks):
         L = len(task["context"])
-        # every layer gets the budget share, its heads split it in calibrated proportions
-        # (spreading one model-wide share by calibrated needs starved the later layers: KL
-        # 0.27 vs 0.22 at 20% on 1,024-token contexts); ``plan`` sizes the recent window
+        # every layer gets the budget share, its heads split it in calibrated proportions,
+        # and ``plan`` sizes the recent window
         plans, windows = {}, {}
         for b in budgets_list:
             plans[f"tca@{b}"], windows[f"tca@{b}"] = plan(
                 budgets, L, b, **({"recent": recent} if recent is not None else {}))
         plans["tca@tau"], windows["tca@tau"] = budgets.profiles, budgets.window
-        selector = Selector(plans)
-        selector.windows = windows
+        selector = Selector(plans, windows)
         variants = []
         for name in plans:
             # one full prefill serves every budget: the cache is cropped back to the context
