@@ -126,6 +126,34 @@ def test_synthetic_pair_recovers_exact_combinations(tmp_path):
         donor_tok.eos_token_id
 
 
+def test_duplicate_spellings_are_shared_once_and_byte_pieces_are_not_anchors():
+    """Gemma 3 spells '_' twice ('_' and the byte-fallback '<0x5F>'); only the spelling its
+    tokenizer produces takes SmolLM2's '_' row. Byte-fallback pieces are copied (where they
+    are the only spelling) but never used as OMP anchors."""
+    from tether.alignment.transplant import anchor_pairs, byte_fallback_ids, match_vocabularies
+    from tether.constraints import vocab_for
+    from tether.models import resolve
+
+    base, donor = vocab_for(resolve("smollm2")), vocab_for(resolve("gemma3"))
+    shared, _, new = match_vocabularies(base, donor)
+    vocab = donor.hf.get_vocab()
+    underscore, byte_piece = vocab["_"], vocab["<0x5F>"]
+    assert donor.hf.encode("_", add_special_tokens=False) == [underscore]
+    assert shared[underscore] == base.hf.get_vocab()["_"]
+    assert byte_piece in new and byte_piece not in shared
+    # a byte with no character token of its own (0xCC starts a UTF-8 sequence) is copied
+    lone = vocab["<0xCC>"]
+    assert base.token_bytes[shared[lone]] == b"\xcc"
+    pieces = byte_fallback_ids(donor)
+    # all 256 but <0xFF>, which llguidance marks special (no bytes); none in byte-level BPE
+    assert len(pieces) == 255 and byte_piece in pieces and not byte_fallback_ids(base)
+    anchors = anchor_pairs(shared, base, donor)
+    assert lone not in anchors and not pieces & set(anchors)
+    assert len(anchors) == len(shared) - len(pieces & set(shared))
+    # every base row is copied to one donor token at most
+    assert len(set(shared.values())) == len(shared)
+
+
 def test_real_pair_subset_loads_and_generates(tmp_path):
     """SmolLM2-135M-Instruct with Gemma 3's tokenizer (first 512 new tokens fitted)."""
     from safetensors import safe_open

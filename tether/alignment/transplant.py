@@ -5,7 +5,8 @@ model. Tokens of the donor vocabulary are sorted into three kinds:
 
 * shared: the donor token decodes to the same bytes as a base token (byte-level BPE's 'Ġ' and
   SentencePiece's '▁', ``<0xNN>`` byte tokens and the like all compare on their bytes); its
-  base row is copied;
+  base row is copied. Where a vocabulary spells the same bytes twice (``<0x5F>`` and ``_``),
+  only the spelling its tokenizer produces is shared;
 * special, matched by role (bos, eos, pad, unk, turn start and end markers), not by spelling:
   the donor's <eos> gets the row of the base's eos, whatever either is called;
 * new: every other donor token. In the donor's embedding space its vector x is written as a
@@ -27,6 +28,7 @@ the token's own spelling in the base tokenizer).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -55,6 +57,7 @@ class TransplantReport:
     k: int
     donor_vocab: int
     copied: int = 0
+    anchors: int = 0
     new: int = 0
     special_by_role: dict = field(default_factory=dict)
     mean_relative_error: float | None = None
@@ -97,12 +100,67 @@ def _roles(hf_tokenizer: Any) -> dict[str, int]:
     return roles
 
 
-def match_vocabularies(base_vocab: Any, donor_vocab: Any) -> tuple[dict, dict, list[int]]:
-    """(shared: donor id -> base id by bytes, special: donor id -> (role, base id), new ids)."""
-    base_by_bytes = {}
-    for i, data in enumerate(base_vocab.token_bytes):
+def canonical_ids(vocab: Any) -> dict[bytes, int]:
+    """Bytes -> the one token id that stands for them in ``vocab``.
+
+    A vocabulary can spell the same bytes twice: SentencePiece keeps ``<0x5F>`` (byte
+    fallback) next to ``_``. Its tokenizer only ever produces one of them; the other is never
+    seen in training, so its embedding is untrained. The canonical id is the one the tokenizer
+    itself returns for the bytes; when it returns none of them, the lowest id.
+    """
+    groups: dict[bytes, list[int]] = {}
+    for i, data in enumerate(vocab.token_bytes):
         if data is not None:
-            base_by_bytes.setdefault(data, i)
+            groups.setdefault(data, []).append(i)
+    canonical = {}
+    for data, ids in groups.items():
+        if len(ids) > 1:
+            try:
+                encoded = vocab.hf.encode(data.decode("utf-8"), add_special_tokens=False)
+            except UnicodeDecodeError:
+                encoded = []
+            if len(encoded) == 1 and encoded[0] in ids:
+                canonical[data] = encoded[0]
+                continue
+        canonical[data] = ids[0]
+    return canonical
+
+
+BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def byte_fallback_ids(vocab: Any) -> set[int]:
+    """Ids of SentencePiece byte-fallback pieces (``<0x41>``) that stand for one byte."""
+    pieces = vocab.hf.convert_ids_to_tokens(list(range(len(vocab.token_bytes))))
+    return {i for i, piece in enumerate(pieces)
+            if piece and BYTE_FALLBACK.fullmatch(piece)
+            and vocab.token_bytes[i] is not None and len(vocab.token_bytes[i]) == 1}
+
+
+def anchor_pairs(shared: dict, base_vocab: Any, donor_vocab: Any) -> dict:
+    """The shared tokens OMP builds new tokens from: all but byte-fallback pieces.
+
+    A byte-fallback piece is produced only for characters missing from the vocabulary, so in
+    a large vocabulary its row is barely trained and points the same way as the never-used
+    tokens' rows (Gemma 3: cosine 0.66 between ``<0xCC>`` and ``<unused0>``). As an anchor it
+    would carry that untrained direction into the base space, where its counterpart is a
+    trained byte token. Such pieces are still copied.
+    """
+    skip_donor, skip_base = byte_fallback_ids(donor_vocab), byte_fallback_ids(base_vocab)
+    return {d: b for d, b in shared.items() if d not in skip_donor and b not in skip_base}
+
+
+def match_vocabularies(base_vocab: Any, donor_vocab: Any) -> tuple[dict, dict, list[int]]:
+    """(shared: donor id -> base id by bytes, special: donor id -> (role, base id), new ids).
+
+    Only canonical tokens (``canonical_ids``) are shared: a donor duplicate such as
+    ``<0x5F>`` is new, fitted from its own (untrained) donor row like any other new token.
+    Copying ``_``'s row into it would give the model a second, never-tokenized ``_`` to
+    predict, and make the untrained direction an anchor that every untrained donor token
+    (Gemma's ``<unusedN>``) is then built from.
+    """
+    base_by_bytes = canonical_ids(base_vocab)
+    donor_canonical = canonical_ids(donor_vocab)
     base_roles, donor_roles = _roles(base_vocab.hf), _roles(donor_vocab.hf)
     special = {}
     for role, donor_id in donor_roles.items():
@@ -112,7 +170,7 @@ def match_vocabularies(base_vocab: Any, donor_vocab: Any) -> tuple[dict, dict, l
     for i, data in enumerate(donor_vocab.token_bytes):
         if i in special:
             continue
-        if data is not None and data in base_by_bytes:
+        if data is not None and data in base_by_bytes and donor_canonical[data] == i:
             shared[i] = base_by_bytes[data]
         else:
             new.append(i)
@@ -126,13 +184,14 @@ def _device(name: str) -> torch.device:
 
 
 def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
-                shared: dict, new: list[int], *, base_vocab: Any, donor_vocab: Any, k: int,
+                anchors: dict, new: list[int], *, base_vocab: Any, donor_vocab: Any, k: int,
                 batch_size: int, device: torch.device,
                 progress: bool = True,
                 timings: dict | None = None) -> tuple[torch.Tensor, float | None]:
     """Rows of the base space for the ``new`` donor tokens, and the mean relative
     reconstruction error in the donor space (OMP only). ``timings`` receives the seconds of
-    the OMP set-up (anchor Gram matrix) and of the batches."""
+    the OMP set-up (anchor Gram matrix) and of the batches. ``anchors`` maps the donor ids
+    OMP builds from to their base ids (``anchor_pairs``)."""
     from tqdm.auto import tqdm
 
     d_base = base_rows.shape[1]
@@ -154,15 +213,15 @@ def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
     timings = {} if timings is None else timings
 
     t0 = time.perf_counter()
-    donor_ids = torch.tensor(list(shared.keys()))
-    base_ids = torch.tensor(list(shared.values()))
-    anchors = donor_rows[donor_ids].to(device, torch.float32)
-    norms = anchors.norm(dim=1).clamp_min(1e-12)
-    anchors = anchors / norms[:, None]
-    anchors_base = base_rows[base_ids].to(device, torch.float32)
+    donor_ids = torch.tensor(list(anchors.keys()))
+    base_ids = torch.tensor(list(anchors.values()))
+    atoms = donor_rows[donor_ids].to(device, torch.float32)
+    norms = atoms.norm(dim=1).clamp_min(1e-12)
+    atoms = atoms / norms[:, None]
+    atoms_base = base_rows[base_ids].to(device, torch.float32)
     # The Gram matrix steers the choice of atoms only; bfloat16 halves its memory on the CPU.
     gram_dtype = torch.float32 if device.type == "cuda" else torch.bfloat16
-    G = gram(anchors, gram_dtype)
+    G = gram(atoms, gram_dtype)
     setup = time.perf_counter() - t0
     timings["omp_setup"] = round(timings.get("omp_setup", 0) + setup, 2)
     out = torch.empty(len(new), d_base)
@@ -171,13 +230,13 @@ def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
     for start in tqdm(steps, desc="OMP", unit="batch", disable=not progress):
         ids = torch.tensor(new[start:start + batch_size])
         x = donor_rows[ids].to(device, torch.float32)
-        idx, coef = batch_omp(x, anchors, k, G)
-        recon = torch.einsum("bk,bkd->bd", coef, anchors[idx])
+        idx, coef = batch_omp(x, atoms, k, G)
+        recon = torch.einsum("bk,bkd->bd", coef, atoms[idx])
         errors.append(((recon - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).cpu())
         # coefficients were fitted on unit-norm anchors: rescale for the raw anchor rows'
         # counterparts in the base space
         out[start:start + len(ids)] = torch.einsum(
-            "bk,bkd->bd", coef / norms[idx], anchors_base[idx]).cpu()
+            "bk,bkd->bd", coef / norms[idx], atoms_base[idx]).cpu()
     timings["omp_batches"] = round(timings.get("omp_batches", 0)
                                    + time.perf_counter() - t0 - setup, 2)
     return out, float(torch.cat(errors).mean()) if errors else None
@@ -222,7 +281,8 @@ def transplant(base: str, donor: str, out: str | Path, *, k: int = 64, method: s
     report.seconds["load"] = round(time.perf_counter() - t0, 2)
 
     shared, special, new = match_vocabularies(base_vocab, donor_vocab)
-    report.copied, report.new = len(shared), len(new)
+    anchors = anchor_pairs(shared, base_vocab, donor_vocab)
+    report.copied, report.anchors, report.new = len(shared), len(anchors), len(new)
     report.special_by_role = {role: {"donor": d, "base": b} for d, (role, b) in special.items()}
     fitted = new if limit_new is None else new[:limit_new]
 
@@ -233,7 +293,7 @@ def transplant(base: str, donor: str, out: str | Path, *, k: int = 64, method: s
             rows[d] = base_rows[b].float()
         for d, (_, b) in special.items():
             rows[d] = base_rows[b].float()
-        approx, err = approximate(method, base_rows, donor_rows, shared, fitted,
+        approx, err = approximate(method, base_rows, donor_rows, anchors, fitted,
                                   base_vocab=base_vocab, donor_vocab=donor_vocab, k=k,
                                   batch_size=batch_size, device=dev,
                                   progress=progress, timings=report.seconds)
