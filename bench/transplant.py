@@ -12,8 +12,7 @@ Stages, in one run (each model directory is cached under
    a one-off set-up, reported apart). Both on this CPU, one after the other.
 2. full transplants: tether OMP, mean, zero (and mergekit OMP with ``--full-mergekit``, about
    1.5 hours here); wall time and peak memory (``/usr/bin/time``).
-3. bits per byte of every model present (and of the original SmolLM2, and a diagnostic
-   model with tether OMP's input rows and mean init's rows as an untied head) on the first
+3. bits per byte of every model present (and of the original SmolLM2) on the first
    ``--eval-bytes`` of ../shared/data/wikitext-2/valid.txt: windows of up to 1,024 tokens
    each led by the tokenizer's BOS (or EOS), total negative log-likelihood over the text's
    bytes, so that tokenizers compare fairly.
@@ -118,29 +117,6 @@ def full_run(method: str, base: str, donor: str, k: int, out: Path, force: bool)
     return result
 
 
-def omp_inputs_mean_head(work: Path) -> Path:
-    """Diagnostic model: tether OMP's rows as input embeddings, mean init's rows as an untied
-    output head (both from the cached full runs): which side OMP helps or hurts."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    out = work / "omp-inputs-mean-head"
-    if not (out / "config.json").exists():
-        tmp = work / ".omp-inputs-mean-head.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(work / "tether-omp", tmp)
-        tensors = load_file(str(tmp / "model.safetensors"))
-        mean = load_file(str(work / "mean" / "model.safetensors"))
-        tensors["lm_head.weight"] = mean["model.embed_tokens.weight"].clone()
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = json.loads((tmp / "config.json").read_text())
-        config["tie_word_embeddings"] = False
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tmp.rename(out)
-    return out
-
-
 def rows_agreement(work: Path) -> dict:
     """How close tether's and mergekit's approximated rows are (both OMP, k = 64): cosine and
     norm ratio per row, over the rows the two outputs do not share exactly (the copies)."""
@@ -240,9 +216,6 @@ def main() -> None:
             bpb[method] = bits_per_byte(str(work / method), text)
     if "tether-omp" in bpb and "mergekit-omp" in bpb:
         results["rows_tether_vs_mergekit"] = rows_agreement(work)
-    if "tether-omp" in bpb and "mean" in bpb:
-        bpb["omp inputs, mean head (diagnostic)"] = bits_per_byte(
-            str(omp_inputs_mean_head(work)), text)
     # results name models, not this machine's paths
     text_out = json.dumps(results, indent=1).replace(base, args.base).replace(donor, args.donor)
     out_path.write_text(text_out.replace(str(work), "$TETHER_CACHE_DIR/bench/transplant"))
