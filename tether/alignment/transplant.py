@@ -10,7 +10,8 @@ model. Tokens of the donor vocabulary are sorted into three kinds:
 * special, matched by role (bos, eos, pad, unk, turn start and end markers), not by spelling:
   the donor's <eos> gets the row of the base's eos, whatever either is called;
 * new: every other donor token. In the donor's embedding space its vector x is written as a
-  sparse combination of k shared ("anchor") tokens, x ~= sum_j c_j e_donor(a_j), found by OMP
+  sparse combination of k anchor tokens (shared tokens other than byte-fallback pieces, see
+  ``anchor_pairs``), x ~= sum_j c_j e_donor(a_j), found by OMP
   over the unit-normalized anchors; the same coefficients applied to the anchors' base rows
   give its base row, e_base(new) = sum_j c_j e_base(a_j). The geometry shared by the two
   spaces carries the meaning over.
