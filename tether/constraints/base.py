@@ -63,8 +63,12 @@ class Constraint(ABC):
         """Whether ``token_id`` may follow the prefix in ``state``; ``state`` is unchanged."""
 
     @abstractmethod
-    def advance(self, state: Any, token_id: int) -> Any:
-        """The state after appending ``token_id``; raises ``ValueError`` if it is not allowed."""
+    def advance(self, state: Any, token_id: int, check: bool = True) -> Any:
+        """The state after appending ``token_id``; raises ``ValueError`` if it is not allowed.
+
+        ``check=False`` skips the check for a token already known to be allowed (one this
+        constraint accepted at this state): partial matching would otherwise repeat it.
+        """
 
     @abstractmethod
     def is_complete(self, state: Any) -> bool:

@@ -8,7 +8,11 @@ tens of microseconds.
 A semantic check guards the end of the output where the grammar can be looser than the spec:
 JSON outputs must validate with ``jsonschema`` (or the pydantic model), and regex outputs must
 full-match with Python's ``regex`` module, before EOS is allowed. So an output that is reported
-complete is valid by the same tools a user would check it with.
+complete is valid by the same tools a user would check it with. Formats are checked the way the
+schema's draft defines them: ``validator_for(schema).FORMAT_CHECKER`` (``checked_formats``
+lists them). Note that ``jsonschema.FormatChecker()`` without a draft is not that: it checks
+``time`` by draft 3's definition (``HH:MM:SS``, no UTC offset), which contradicts the RFC 3339
+``time`` of drafts 7 and 2020-12 that llguidance's grammar (and this check) follow.
 """
 
 from __future__ import annotations
@@ -77,13 +81,13 @@ class GrammarConstraint(Constraint):
         forced = state.forced_mask(self.vocab.size)
         return True if forced is None else bool(forced[token_id])
 
-    def advance(self, state: GrammarState, token_id: int) -> GrammarState:
-        if not self.allows(state, token_id):
+    def advance(self, state: GrammarState, token_id: int, check: bool = True) -> GrammarState:
+        if check and not self.allows(state, token_id):
             raise ValueError(f"token {token_id} is not allowed here")
         if token_id in self.eos_token_ids:
             return state
         matcher = state.matcher.deep_copy()
-        if not matcher.consume_token(token_id):  # pragma: no cover - validated above
+        if not matcher.consume_token(token_id):
             raise ValueError(f"llguidance refused token {token_id}: {matcher.get_error()}")
         return GrammarState(matcher, state.data + self.vocab.token_bytes[token_id])
 
@@ -117,6 +121,14 @@ def _matcher(vocab: TokenVocab, grammar: str) -> tuple[Any, str]:
 
 
 def json_schema_constraint(spec: Spec, vocab: TokenVocab) -> GrammarConstraint:
+    try:
+        return _json_schema_constraint(spec, vocab)
+    except RecursionError:
+        raise ConstraintError("the JSON Schema is too deeply nested or recursive to compile") \
+            from None
+
+
+def _json_schema_constraint(spec: Spec, vocab: TokenVocab) -> GrammarConstraint:
     import jsonschema
     from llguidance import LLMatcher
 
@@ -141,20 +153,33 @@ def json_schema_constraint(spec: Spec, vocab: TokenVocab) -> GrammarConstraint:
             try:
                 model.model_validate_json(text)
                 return True
-            except ValueError:
+            except (ValueError, RecursionError):
                 return False
     else:
         import json
 
+        # The schema's own draft decides what a format means (``FORMAT_CHECKER`` of its
+        # validator class; see ``checked_formats``).
         validator = validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
 
         def final_check(text: str) -> bool:
             try:
                 return validator.is_valid(json.loads(text))
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or too deep to validate
                 return False
 
     return GrammarConstraint(spec, vocab, matcher, final_check)
+
+
+def checked_formats(schema: Any = None) -> list[str]:
+    """The ``format`` values that the end-of-output check enforces for ``schema``'s draft
+    (2020-12 when it names none): the checkers of ``jsonschema``'s validator class for that
+    draft, with the format extras that tether installs."""
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(schema if schema is not None else {},
+                                              default=jsonschema.Draft202012Validator)
+    return sorted(cls.FORMAT_CHECKER.checkers)
 
 
 def _json_options(spec: Spec) -> dict:

@@ -10,6 +10,12 @@ and conditionals. For some negative lookarounds it over-approximates: ``regex`` 
 tell that a lookaround has already failed (``^(?!.*(.).*\1)[a-z]+$`` on "abca"), so such a
 prefix is allowed; EOS still requires a full match, so no invalid output is ever complete.
 
+Partial matching can backtrack for an exponential time on nested quantifiers
+(``^((a|aa)+)+b$``). Each match gets the time left in the decoding step's budget
+(``budget.remaining()``), at most ``MATCH_LIMIT_S``; running out raises ``BudgetExceeded``,
+which ends the particle with the reason ``budget``. It never turns into a rejection, so
+acceptance does not depend on the clock.
+
 Tokens map to bytes, not characters: a token may end inside a multi-byte UTF-8 character. The
 text before that character must be extendable, and so must the text followed by one of the
 characters those bytes can still become: all of them when there are at most 64 (two-byte
@@ -27,19 +33,22 @@ from typing import Any, Callable
 
 import regex
 
+from tether.constraints import budget
 from tether.constraints.base import Constraint
 from tether.constraints.specs import Spec
 from tether.constraints.vocab import TokenVocab
 from tether.errors import ConstraintError
 
-# A pathological pattern must not hang a decoding step: a partial match that takes longer than
-# this counts as "no match" for the token at hand (the token is rejected).
-MATCH_TIMEOUT_S = 1.0
+# One partial match takes microseconds to a millisecond on ordinary patterns and outputs;
+# one that runs past this is backtracking exponentially, and would again at the next check.
+MATCH_LIMIT_S = 0.05
 
 
 def compile_python_regex(pattern: str) -> Any:
     try:
         return regex.compile(pattern)
+    except (RecursionError, OverflowError):
+        raise ConstraintError("the regular expression is nested too deeply to compile") from None
     except regex.error as e:
         pos = e.pos if e.pos is not None else 0
         raise ConstraintError(
@@ -125,8 +134,8 @@ class TextPrefixConstraint(Constraint):
     #: characters the spec names, always among the probes for an unfinished character
     probe_chars: tuple[str, ...] = ()
 
-    def advance(self, state: bytes, token_id: int) -> bytes:
-        if not self.allows(state, token_id):
+    def advance(self, state: bytes, token_id: int, check: bool = True) -> bytes:
+        if check and not self.allows(state, token_id):
             raise ValueError(f"token {token_id} is not allowed here")
         if token_id in self.eos_token_ids:
             return state
@@ -152,16 +161,23 @@ class PartialRegexConstraint(TextPrefixConstraint):
         self.probe_chars = _named_characters(spec.source)
 
     def prefix_ok(self, text: str) -> bool:
-        try:
-            return self.pattern.fullmatch(text, partial=True, timeout=MATCH_TIMEOUT_S) is not None
-        except TimeoutError:
-            return False
+        return self._match(text, partial=True)
 
     def complete_ok(self, text: str) -> bool:
+        return self._match(text, partial=False)
+
+    def _match(self, text: str, partial: bool) -> bool:
+        # A pathological pattern (nested quantifiers) can backtrack for ages: the match gets
+        # the time left in the step's budget, at most MATCH_LIMIT_S, and running out ends the
+        # particle (``BudgetExceeded``) instead of deciding the token.
+        left = budget.remaining()
+        timeout = MATCH_LIMIT_S if left is None else min(left, MATCH_LIMIT_S)
         try:
-            return self.pattern.fullmatch(text, timeout=MATCH_TIMEOUT_S) is not None
+            return self.pattern.fullmatch(text, partial=partial, timeout=timeout) is not None
         except TimeoutError:
-            return False
+            raise budget.BudgetExceeded(
+                f"partial matching of the pattern took longer than {timeout:.3g} s "
+                f"(at output length {len(text)}): the pattern backtracks too much") from None
 
 
 class PredicateConstraint(TextPrefixConstraint):
@@ -174,10 +190,14 @@ class PredicateConstraint(TextPrefixConstraint):
         self._complete: Callable[[str], bool] = pred.complete or pred.prefix
 
     def prefix_ok(self, text: str) -> bool:
-        return bool(self._prefix(text))
+        ok = bool(self._prefix(text))
+        budget.check()  # a Python predicate cannot be interrupted; it is judged after the call
+        return ok
 
     def complete_ok(self, text: str) -> bool:
-        return bool(self._complete(text))
+        ok = bool(self._complete(text))
+        budget.check()
+        return ok
 
 
 def _named_characters(pattern: str) -> tuple[str, ...]:

@@ -14,9 +14,15 @@ Accepted forms:
 A bare string is ambiguous (a schema? a regex? a grammar?): it is accepted only where it parses
 as a JSON Schema; anything else raises ``ConstraintError`` pointing at the wrapper types.
 
-A ``Spec`` is hashable (it keys the compile cache) and, except for predicates, serializable into
-``SamplingParams.extra_args`` (``to_wire`` / ``from_wire``) so that it can cross into vLLM's
-engine process.
+A ``Spec`` is hashable (it keys the compile cache: the constraint's content and its parse
+target, so two pydantic models with the same JSON Schema are two specs) and, except for
+predicates, serializable into ``SamplingParams.extra_args`` (``to_wire`` / ``from_wire``) so
+that it can cross into vLLM's engine process.
+
+Limits: a spec's text is at most ``MAX_SPEC_BYTES`` and a JSON Schema nests at most
+``MAX_JSON_DEPTH`` levels of objects and arrays (real schemas stay far below: the deepest of
+JSONSchemaBench's 2,387 nests 21). Past them, ``ConstraintError`` names the limit: deeper
+schemas exhaust the recursion of the validators and compilers that read them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from typing import Any, Callable, Literal
 from tether.errors import ConstraintError
 
 Kind = Literal["json_schema", "regex", "grammar", "predicate"]
+
+MAX_SPEC_BYTES = 256 * 1024
+MAX_JSON_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,7 @@ class Spec:
     kind: Kind
     source: str
     flexible_whitespace: bool = False  # JSON Schema only; see ``JsonSchema``
-    model: type | None = field(default=None, compare=False)
+    model: type | None = None  # compared by identity: it is the parse target
     predicate: Predicate | None = field(default=None, compare=False)
     # Predicates compare by identity of the callables, via a process-local reference.
     ref: int | None = None
@@ -118,7 +127,6 @@ class Spec:
         if self.flexible_whitespace:
             wire["flexible_whitespace"] = True
         if self.model is not None:
-            _MODELS.setdefault(_model_key(self.model), self.model)
             wire["model"] = _model_key(self.model)
         return wire
 
@@ -141,29 +149,73 @@ class Spec:
 
 _PREDICATES: dict[int, Spec] = {}
 _PREDICATE_REFS: dict[tuple, int] = {}
-_MODELS: dict[str, type] = {}
+_MODELS: dict[str, type] = {}  # wire key -> pydantic class (this process's)
+_MODEL_KEYS: dict[type, str] = {}
 _ref_counter = itertools.count(1)
 _ref_lock = threading.Lock()
 
 
 def _model_key(model: type) -> str:
-    return f"{model.__module__}.{model.__qualname__}"
+    """A process-local key naming one pydantic class (two classes of the same name differ)."""
+    with _ref_lock:
+        key = _MODEL_KEYS.get(model)
+        if key is None:
+            key = f"{model.__module__}.{model.__qualname__}#{next(_ref_counter)}"
+            _MODEL_KEYS[model], _MODELS[key] = key, model
+        return key
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of objects and arrays in a JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _check_size(kind: str, text: str) -> None:
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > MAX_SPEC_BYTES:
+        raise ConstraintError(f"the {kind} is {size:,} bytes; the limit is {MAX_SPEC_BYTES:,}")
 
 
 def _schema_spec(schema: Any, model: type | None = None, whitespace: str = "compact") -> Spec:
     if whitespace not in ("compact", "flexible"):
         raise ConstraintError(f"whitespace must be 'compact' or 'flexible', not {whitespace!r}")
     if isinstance(schema, str):
+        _check_size("JSON Schema", schema)
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
             raise ConstraintError(f"the JSON Schema is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ConstraintError(f"the JSON Schema nests deeper than {MAX_JSON_DEPTH} "
+                                  "levels (the limit)") from None
     if not isinstance(schema, (dict, bool)):
         raise ConstraintError(
             f"a JSON Schema must be an object or a boolean, got {type(schema).__name__}")
+    depth = json_depth(schema)
+    if depth > MAX_JSON_DEPTH:
+        raise ConstraintError(f"the JSON Schema nests more than {MAX_JSON_DEPTH} levels of "
+                              "objects and arrays (the limit)")
     # Key order is kept: it is the order in which properties are generated.
-    return Spec("json_schema", json.dumps(schema, separators=(",", ":")),
-                flexible_whitespace=whitespace == "flexible", model=model)
+    try:
+        source = json.dumps(schema, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise ConstraintError(f"the JSON Schema is not JSON data: {e}") from None
+    _check_size("JSON Schema", source)
+    return Spec("json_schema", source, flexible_whitespace=whitespace == "flexible",
+                model=model)
 
 
 def _choice_grammar(options: tuple[str, ...]) -> str:
@@ -181,20 +233,28 @@ def normalize(spec: Any) -> Spec:
     if isinstance(spec, Regex):
         if not isinstance(spec.pattern, str):
             raise ConstraintError("Regex(pattern) needs a string pattern")
+        _check_size("regular expression", spec.pattern)
         return Spec("regex", spec.pattern)
     if isinstance(spec, Grammar):
         if not isinstance(spec.text, str) or not spec.text.strip():
             raise ConstraintError("Grammar(text) needs the text of a Lark grammar")
+        _check_size("grammar", spec.text)
         return Spec("grammar", spec.text)
     if isinstance(spec, Choice):
-        return Spec("grammar", _choice_grammar(spec.options))
+        grammar = _choice_grammar(spec.options)
+        _check_size("choice list", grammar)
+        return Spec("grammar", grammar)
     if isinstance(spec, (dict, bool)):
         return _schema_spec(spec)
     if isinstance(spec, str):
+        _check_size("JSON Schema", spec)
         try:
             parsed, problem = json.loads(spec), "it is JSON but not an object"
         except json.JSONDecodeError as e:
             parsed, problem = None, f"it did not parse as JSON ({e})"
+        except RecursionError:
+            raise ConstraintError(f"the JSON Schema nests deeper than {MAX_JSON_DEPTH} "
+                                  "levels (the limit)") from None
         if isinstance(parsed, (dict, bool)):
             return _schema_spec(parsed)
         raise ConstraintError(
@@ -237,9 +297,9 @@ def _from_outlines(spec: Any) -> Spec | None:
     if isinstance(spec, dsl.JsonSchema):
         return _schema_spec(spec.schema)
     if isinstance(spec, dsl.CFG):
-        return Spec("grammar", spec.definition)
+        return normalize(Grammar(spec.definition))
     if isinstance(spec, dsl.Regex):
-        return Spec("regex", spec.pattern)
+        return normalize(Regex(spec.pattern))
     if isinstance(spec, dsl.Term):
-        return Spec("regex", dsl.to_regex(spec))
+        return normalize(Regex(dsl.to_regex(spec)))
     return None
