@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,12 +44,87 @@ def smollm2_vocab():
 
 @pytest.fixture(scope="session")
 def llm():
-    """One real vLLM engine on the embedded SmolLM2-135M-Instruct for the whole session."""
+    """One real vLLM engine on the embedded SmolLM2-135M-Instruct for the whole session.
+
+    In fp32: the CPU engine's default bf16 computes a prefix's logits differently in prefill
+    and in decode (and cached or not), by enough that an exact reference built from prompt
+    logprobs is not the distribution decoding samples from (log Z off by about 0.5 nats on a
+    10-token output), and that a seeded rerun after a cold cache can flip a near tie. The
+    statistical tests compare against exact answers, so they need the engine to compute one
+    distribution.
+    """
     from tether.decode.llm import LLM
 
-    engine = LLM("smollm2", max_model_len=2048)
+    engine = LLM("smollm2", max_model_len=2048, dtype="float32")
     yield engine
     engine.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TETHER = str(Path(sys.executable).parent / "tether")
+# Servers in the tests: fp32 (see ``llm``), 1 GiB of KV space per engine (several engines
+# live at once in a test session).
+SERVER_ARGS = ["--sampler", "awrs", "--max-model-len", "1024", "--dtype", "float32"]
+SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@contextlib.contextmanager
+def running(cmds: list[list[str]], log_dir: Path, port: int, timeout: float = 600):
+    """Start ``cmds`` (the first one serves HTTP on ``port``), wait for /health, yield the base
+    URL and the first process's log path; stop them all afterwards."""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", **SERVER_ENV)
+    procs, logs = [], []
+    for i, cmd in enumerate(cmds):
+        log = log_dir / f"server-{i}.log"
+        with open(log, "w") as fh:
+            procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True))
+        logs.append(log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            for proc, log in zip(procs, logs):
+                if proc.poll() is not None:
+                    pytest.fail(f"server exited: {log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"server did not come up: {logs[0].read_text()[-3000:]}")
+            time.sleep(1)
+        yield base, logs[0]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+
+
+@pytest.fixture(scope="session")
+def server_dp1(tmp_path_factory):
+    """``tether serve --sampler awrs`` on the embedded model, one engine, for the session."""
+    port = free_port()
+    cmd = [TETHER, "serve", *SERVER_ARGS, "--host", "127.0.0.1", "--port", str(port)]
+    with running([cmd], tmp_path_factory.mktemp("serve-dp1"), port) as (base, log):
+        yield base, log
+
+
+def openai_client(base: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
 
 
 def walk(constraint, token_ids):

@@ -177,8 +177,34 @@ def test_cli_generate(tmp_path):
         assert set(line) >= {"text", "value", "finish_reason", "log_weight", "stats"}
         if line["finish_reason"] == "stop":
             assert isinstance(line["value"]["ok"], bool)
+    assert "Attempted to load weight" not in run.stderr and " INFO " not in run.stderr
+    # a dead particle: finish_reason "constraint", log weight null (strict JSON, no -Infinity)
+    run = subprocess.run([str(tether_cli), "generate", "--regex", "(?!)", "--max-tokens", "4",
+                          "x"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Infinity" not in run.stdout
+    line = json.loads(run.stdout)
+    assert line["finish_reason"] == "constraint" and line["log_weight"] is None
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--schema", "BAD"], "/type"),
+    (["--schema", "missing.json"], "No such file"),
+    (["--model", "smolm2"], "did you mean 'smollm2'"),
+    (["-n", "0"], "-n must be at least 1"),
+    (["--regex", "a(b"], "position 3"),
+])
+def test_cli_input_errors_exit_2_with_one_line(tmp_path, args, needle):
+    """Bad input of every kind: exit status 2, one line on stderr, before any engine starts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
     bad = tmp_path / "bad.json"
     bad.write_text('{"type": "nope"}')
-    run = subprocess.run([str(tether_cli), "generate", "--schema", str(bad), "x"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 2 and "/type" in run.stderr
+    args = [str(bad) if a == "BAD" else a for a in args]
+    tether_cli = Path(sys.executable).parent / "tether"
+    run = subprocess.run([str(tether_cli), "generate", *args, "x"], capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("tether generate: error: ") and needle in run.stderr

@@ -34,6 +34,11 @@ RUNS, PARTICLES = 8, 32
 
 @pytest.fixture(scope="module")
 def exact(llm):
+    return exact_target(llm)
+
+
+def exact_target(llm):
+    """(pi over the 8 words, Z) for PROMPT under SCHEMA, by enumeration (see the docstring)."""
     c = llm.constraint(SCHEMA)
     sequences = enumerate_outputs(c, max_tokens=20)
     assert 8 < len(sequences) < 1000

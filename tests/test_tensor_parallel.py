@@ -2,7 +2,7 @@
 
 vLLM runs the sampling step on every tensor-parallel rank. The AWRS noise is a pure function
 of (particle seed, step), so ranks that see the same logits make the same decisions; the
-records of all ranks are compared whenever they are read (``check_ranks_agree``).
+records of all ranks are compared whenever they are read (``records.merge``).
 """
 
 from __future__ import annotations
@@ -11,21 +11,27 @@ import os
 
 import pytest
 
-from tether.decode.records import check_ranks_agree
+from tether.decode.records import merge
 
 pytestmark = pytest.mark.engine
 
 
-def _raw(token, weight):
-    return {"p": {"dead_step": None, "error": None, "steps": {0: {
+def _raw(token, weight, key="p"):
+    return {key: {"key": key, "dead_step": None, "failure": None, "engine": 0, "steps": {0: {
         "token": token, "log_weight": weight, "checks": 1, "rejections": 0, "exact": False,
         "untruncated": False, "constraint_s": 0.1, "device_s": 0.2}}}}
 
 
 def test_rank_disagreement_is_detected():
-    check_ranks_agree([_raw(5, -1.0), _raw(5, -1.0)])
-    with pytest.raises(RuntimeError, match="rank 1"):
-        check_ranks_agree([_raw(5, -1.0), _raw(6, -1.0)])
+    assert merge([_raw(5, -1.0), _raw(5, -1.0)])["p"].steps[0].token == 5
+    with pytest.raises(RuntimeError, match="worker 1"):
+        merge([_raw(5, -1.0), _raw(6, -1.0)])
+
+
+def test_workers_without_the_record_are_ignored():
+    # pipeline stages that do not sample, and other data-parallel engines, hold no record
+    merged = merge([{}, _raw(5, -1.0), _raw(7, -2.0, key="q"), {}])
+    assert merged["p"].steps[0].log_weight == -1.0 and merged["q"].steps[0].token == 7
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores, one per rank")

@@ -1,7 +1,9 @@
 """tether: constrained decoding (AWRS + SMC) and friends, next to vLLM.
 
 Public API:
+    generate, LLM, Result (loaded on first use: they import vLLM)
     Constraint, Regex, Grammar, JsonSchema, Choice, Predicate, ConstraintError
+    viz.write_html / viz.render_html: an SMC run as an HTML page
 """
 
 from tether.constraints import (Choice, Constraint, Grammar, JsonSchema, Predicate, Regex,
@@ -22,4 +24,8 @@ def __getattr__(name):
         from tether.decode import llm
 
         return getattr(llm, name)
+    if name == "viz":
+        import tether.viz
+
+        return tether.viz
     raise AttributeError(f"module 'tether' has no attribute {name!r}")

@@ -1,10 +1,15 @@
-"""The ``tether`` command line: models | generate (serve, transplant and calibrate to come)."""
+"""The ``tether`` command line: models | generate | serve | transplant | calibrate.
+
+Results go to stdout (one JSON object per line where there are several); logs, progress and
+errors go to stderr. Bad input (a malformed spec, an unknown model, a missing file, a value
+out of range) prints one line, ``tether COMMAND: error: ...``, and exits with status 2, as
+argparse does for bad options.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -42,7 +47,7 @@ def _read_constraint(args: argparse.Namespace):
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {args.schema} is not valid JSON: {e}")
+            raise ValueError(f"{args.schema} is not valid JSON: {e}") from None
     if args.regex is not None:
         return Regex(args.regex)
     if args.grammar:
@@ -51,24 +56,23 @@ def _read_constraint(args: argparse.Namespace):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from tether import ConstraintError
     from tether.constraints import compile_constraint
     from tether.models import resolve
 
+    for name, low in (("n", 1), ("particles", 1), ("max_tokens", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}")
     spec = _read_constraint(args)
     model = resolve(args.model)
     if spec is not None:
-        try:  # fail on a bad spec before the engine starts
-            compile_constraint(spec, model)
-        except ConstraintError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        compile_constraint(spec, model)  # fail on a bad spec before the engine starts
     from tether.decode.llm import LLM
 
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                    sampler=args.sampler, chat=False if args.no_chat else None,
                    max_rejections=None if args.max_rejections == 0 else args.max_rejections)
-    with LLM(model) as llm:
+    with LLM(model, verbose=args.verbose,
+             constraint_budget=args.constraint_budget) as llm:
         if args.particles > 1:
             smc = llm.generate([args.prompt], spec, particles=args.particles, n=args.n,
                                ess_threshold=args.ess_threshold, resampling=args.resampling,
@@ -79,8 +83,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 line.pop("particles", None), line.pop("draws", None)
         else:
             lines = [r.to_dict() for r in llm.generate([args.prompt] * args.n, spec, **options)]
-    for line in lines:
-        print(json.dumps(line, ensure_ascii=False))
+    from tether.decode.llm import finite_json
+
+    for line in lines:  # JSON has no Infinity: undefined numbers are null
+        print(json.dumps(finite_json(line), ensure_ascii=False, allow_nan=False))
     return 0
 
 
@@ -163,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--resampling", default="systematic",
                        choices=["systematic", "multinomial", "stratified", "residual"])
     p_gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p_gen.add_argument("--constraint-budget", type=float, default=10.0, metavar="SECONDS",
+                       help="constraint time each particle may spend; past it the output ends "
+                       "with finish_reason 'budget'")
+    p_gen.add_argument("-v", "--verbose", action="store_true", help="vLLM's INFO logs")
     p_gen.set_defaults(func=_cmd_generate)
 
     p_tx = sub.add_parser(
@@ -216,14 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:  # vLLM's own parser takes over: every `vllm serve` argument
         return _cmd_serve(argv[1:])
     args = build_parser().parse_args(argv)
-    # stdout carries results (one JSON object per line); vLLM's log goes to stderr, and only
-    # its warnings unless the user asked for more.
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # stdout carries results; vLLM's log goes to stderr, at WARNING unless -v
+    from tether.decode.engine import configure_logging
+    from tether.errors import TetherError
+    from tether.models import ModelError
+
+    configure_logging(getattr(args, "verbose", False))
     try:
         return args.func(args)
-    except (ValueError, OSError) as exc:  # bad input: a message, not a traceback
-        print(f"tether {argv[0]}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, TetherError, ModelError) as exc:  # bad input: one line
+        message = str(exc).strip().splitlines()
+        print(f"tether {argv[0]}: error: {message[0] if message else type(exc).__name__}",
+              file=sys.stderr)
         return 2
 
 

@@ -197,7 +197,9 @@ def resolve(model: str | os.PathLike | None = None, *, prepare_missing: bool = T
     """Turn a user's model argument into something vLLM and transformers load.
 
     ``None`` -> the default embedded model; a registered name -> its cached directory (prepared
-    on first use); an existing directory -> itself; anything else is passed through as a hub id.
+    on first use); an existing directory -> itself; an ``owner/name`` hub id -> itself (for
+    users who have a hub). Anything else is a mistyped name: ``ModelError`` lists the
+    registered ones.
     """
     if model is None:
         model = DEFAULT_MODEL
@@ -216,6 +218,13 @@ def resolve(model: str | os.PathLike | None = None, *, prepare_missing: bool = T
     if path.exists():
         raise ModelError(f"{path} is a file; give a model directory, a registered name "
                          f"({', '.join(REGISTRY)}) or a hub id")
+    if model.count("/") != 1 or model.startswith((".", "/", "~")) or model.endswith("/"):
+        import difflib
+
+        close = difflib.get_close_matches(model, list(REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ModelError(f"unknown model {model!r}{hint}; registered: {', '.join(REGISTRY)}; "
+                         "or give a model directory or an owner/name hub id")
     return model  # a hub id, for users who have a hub
 
 

@@ -59,7 +59,8 @@ table {{ border-collapse: collapse; }} td {{ padding: 2px 6px; vertical-align: t
 .ess div {{ width: 6px; background: #58a; }} .ess div.rsbar {{ background: #d00; }}
 </style>
 <h1>{html.escape(title)}</h1>
-<p>log Z = {result.log_z:.3f}; {len(result.resampling or [])} resampling event(s), marked in
+<p>log Z = {"undefined" if result.log_z is None else f"{result.log_z:.3f}"};
+{len(result.resampling or [])} resampling event(s), marked in
 red; rows tinted by normalized weight.</p>
 {ess_bars}
 <table><tr><th>particle</th><th>tokens</th><th>finish</th><th>log w</th><th>weight</th></tr>

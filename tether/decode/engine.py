@@ -15,12 +15,20 @@ AWRS processor is written against the V1 interface (``vllm.v1.sample.logits_proc
 API's default): the AWRS processor's per-particle records are then read directly, and Python
 predicate constraints work. With multiprocessing on, records travel through a worker extension
 (``decode.records``).
+
+Logs: vLLM logs at INFO on stdout by default, which buries a command's output. Every tether
+entry point sends vLLM's logs to stderr at WARNING (``verbose``: INFO), through a logging
+config file that every vLLM process reads (``VLLM_LOGGING_CONFIG_PATH``); at WARNING it also
+drops the per-tensor "Attempted to load weight ... float32 into ... bfloat16" warnings that the
+CPU engine prints for every fp32 checkpoint it runs in bf16 (one per weight: hundreds). A user's
+own VLLM_LOGGING_* settings win.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 from typing import Any
 
@@ -47,12 +55,46 @@ def check_vllm_version() -> str:
     return vllm.__version__
 
 
-def configure_environment(*, in_process: bool = True) -> None:
+def configure_environment(*, in_process: bool = True, verbose: bool = False) -> None:
     """Set the environment variables vLLM reads at start-up (the user's values win)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    configure_logging(verbose)
     if not on_gpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+# vLLM's own format, without colour (stderr is often a file)
+_LOG_FORMAT = ("(%(vllm_process_name)s pid=%(process)d) %(levelname)s %(asctime)s "
+               "[%(fileinfo)s:%(lineno)d] %(message)s")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """vLLM's logs to stderr, at WARNING (INFO when ``verbose``); see the module docstring."""
+    if "VLLM_LOGGING_CONFIG_PATH" in os.environ or os.environ.get("VLLM_CONFIGURE_LOGGING") == "0":
+        return
+    from tether.models import cache_dir
+
+    level = "INFO" if verbose else os.environ.get("VLLM_LOGGING_LEVEL", "WARNING").upper()
+    config = {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"vllm": {"()": "vllm.logging_utils.NewLineFormatter",
+                                "datefmt": "%m-%d %H:%M:%S", "format": _LOG_FORMAT}},
+        "handlers": {"vllm": {"class": "logging.StreamHandler", "formatter": "vllm",
+                              "level": level, "stream": "ext://sys.stderr"}},
+        "loggers": {"vllm": {"handlers": ["vllm"], "level": level, "propagate": False}},
+    }
+    if level == "WARNING":
+        config["loggers"]["vllm.model_executor.models.utils"] = {"level": "ERROR"}
+    path = cache_dir() / "logging" / f"vllm-{level.lower()}.json"
+    text = json.dumps(config, indent=1)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(path)
+    os.environ["VLLM_LOGGING_LEVEL"] = level  # vLLM's own level checks read it too
 
 
 def engine_args(model: str | None = None, **overrides: Any) -> dict:
@@ -86,9 +128,9 @@ class Engine:
     embedded model). Extra keyword arguments go to ``vllm.LLM`` and override the defaults.
     """
 
-    def __init__(self, model: str | None = None, **vllm_kwargs: Any):
+    def __init__(self, model: str | None = None, *, verbose: bool = False, **vllm_kwargs: Any):
+        configure_environment(in_process=True, verbose=verbose)  # before vLLM is imported
         check_vllm_version()
-        configure_environment(in_process=True)
         import vllm.envs
         from vllm import LLM
 

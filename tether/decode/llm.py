@@ -19,7 +19,7 @@ import numpy as np
 
 from tether.constraints import Constraint, compile_constraint
 from tether.decode.engine import Engine
-from tether.decode.processor import DEFAULT_MAX_REJECTIONS
+from tether.decode.processor import DEFAULT_BUDGET_S, DEFAULT_MAX_REJECTIONS
 from tether.decode.records import ParticleRecord
 from tether.decode.smc import (EngineBackend, Group, Particle, SMCDriver, SMCSettings,
                                prefill_per_resampling, run_sync)
@@ -31,8 +31,9 @@ class Result:
     """One generated output (for SMC: the first posterior draw, with the whole population).
 
     ``finish_reason``: "stop" (the output ended where the constraint allows it: it is valid),
-    "length" (``max_tokens`` reached first: incomplete, not claimed valid), or "constraint"
-    (every token was rejected at some step: log weight -inf).
+    "length" (``max_tokens`` reached first: incomplete, not claimed valid), "constraint"
+    (every token was rejected at some step: log weight -inf), "budget" (the constraint's time
+    budget ran out) or "error" (the constraint failed; ``stats["failure"]`` has the message).
     ``value``: the parsed output when valid (a dict for a JSON Schema, a model instance for a
     pydantic class, the text otherwise), else None.
     ``log_weight``: the sum of the AWRS step log weights of this output (0.0 for the lcd
@@ -44,6 +45,7 @@ class Result:
     posterior draws, as Results), ``ess`` (per-step effective sample size, with ``trace``),
     ``resampling`` (events: time, ESS, ancestors, copies as (uid, parent uid), prefill tokens),
     ``ancestry`` (uid and parent uid of each particle), ``normalized_weight``.
+    When a particle fails (budget or error), its population has no draws and no ``log_z``.
     """
 
     text: str
@@ -65,6 +67,8 @@ class Result:
         return self.finish_reason == "stop"
 
     def to_dict(self) -> dict:
+        """A JSON-ready dict: infinite or undefined numbers (a dead particle's log weight, the
+        log Z of a population with no complete particle) become None (JSON null)."""
         value = self.value
         if hasattr(value, "model_dump"):
             value = value.model_dump(mode="json")
@@ -78,17 +82,35 @@ class Result:
                                  "normalized_weight": p.normalized_weight}
                                 for p in self.particles]
             out["draws"] = [d.text for d in self.draws or []]
-        return out
+        return finite_json(out)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no Infinity/NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 class LLM:
     """A model served by an in-process vLLM engine, with constrained generation.
 
     ``model``: a registered embedded model ("smollm2", "gemma3"), a local HF directory or a
-    hub id; default: the embedded SmolLM2-135M-Instruct. Keyword arguments go to ``vllm.LLM``.
+    hub id; default: the embedded SmolLM2-135M-Instruct. ``constraint_budget``: seconds of
+    constraint time each particle may spend (its lineage through resampling; None: no limit);
+    any one step of a particle gets at most ``processor.STEP_LIMIT_S`` of it. Keyword arguments
+    go to ``vllm.LLM``.
     """
 
-    def __init__(self, model: str | None = None, **engine_kwargs: Any):
+    def __init__(self, model: str | None = None, *,
+                 constraint_budget: float | None = DEFAULT_BUDGET_S, **engine_kwargs: Any):
+        if constraint_budget is not None and not constraint_budget > 0:
+            raise ValueError("constraint_budget must be a positive number of seconds or None")
+        self.constraint_budget = constraint_budget
         self.engine = Engine(model, **engine_kwargs)
         self.model_path = self.engine.model_path
         self.tokenizer = self.engine.tokenizer
@@ -124,7 +146,9 @@ class LLM:
 
     def generate(self, prompts: str | Sequence[str | list[dict]], constraint: Any = None, *,
                  max_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, sampler: str = "awrs",
+                 top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 seed: int | None = None, sampler: str = "awrs",
                  estimator: str = "recursive",
                  max_rejections: int | None = DEFAULT_MAX_REJECTIONS,
                  chat: bool | None = None, particles: int = 1, ess_threshold: float = 0.5,
@@ -133,14 +157,18 @@ class LLM:
         """Generate one Result per prompt under ``constraint`` (any spec ``Constraint`` takes,
         or a list with one spec per prompt), all prompts and particles in one engine batch.
 
+        The sampling parameters mean what they mean in vLLM and shape the distribution AWRS
+        samples from (penalties, then temperature, min-p, top-k, top-p; see
+        ``decode.processor`` for the target when truncation leaves no allowed token).
         ``sampler``: "awrs" (weighted) or "lcd" (first accepted token, no weight).
         ``estimator``: "recursive" or "geometric" (the AWRS paper's; needs
         ``max_rejections=None``). ``max_rejections``: after that many rejections in one step,
         finish the step exactly from the constraint's full mask (None: unbounded).
-        ``particles``: SMC particles per prompt; ``ess_threshold``: resample when the
-        effective sample size falls below this share of ``particles``; ``resampling``:
-        systematic, multinomial, stratified or residual; ``n``: posterior draws per prompt;
-        ``trace``: record the per-step ESS. ``seed`` makes a run repeat itself (random if None).
+        ``particles``: SMC particles per prompt (at least ``n``: ``n=4`` alone runs 4);
+        ``ess_threshold``: resample when the effective sample size falls below this share of
+        the particles; ``resampling``: systematic, multinomial, stratified or residual; ``n``:
+        posterior draws per prompt (``Result.draws``); ``trace``: record the per-step ESS.
+        ``seed`` makes a run repeat itself (random if None).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -150,17 +178,22 @@ class LLM:
             specs = constraint
         else:
             specs = [constraint] * len(prompts)
-        compiled = [self.constraint(c) if c is not None else None for c in specs]
-        settings = SMCSettings(particles, ess_threshold, resampling, n, trace)
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
+        if n < 1:
+            raise ValueError("n (posterior draws) must be at least 1")
+        compiled = [self.constraint(c) if c is not None else None for c in specs]
+        settings = SMCSettings(max(particles, n), ess_threshold, resampling, n, trace)
         engine = self.engine.llm.llm_engine
         driver = SMCDriver(EngineBackend(engine), [self.prompt_ids(p, chat) for p in prompts],
                            compiled, settings,
                            seed=secrets.randbits(32) if seed is None else seed,
                            max_tokens=max_tokens, sampler=sampler, estimator=estimator,
-                           max_rejections=max_rejections,
-                           sampling={"temperature": temperature, "top_p": top_p, "top_k": top_k})
+                           max_rejections=max_rejections, budget_s=self.constraint_budget,
+                           sampling={"temperature": temperature, "top_p": top_p, "top_k": top_k,
+                                     "min_p": min_p, "repetition_penalty": repetition_penalty,
+                                     "frequency_penalty": frequency_penalty,
+                                     "presence_penalty": presence_penalty})
         groups = run_sync(driver, engine)
         return [self._group_result(g, settings) for g in groups]
 
@@ -185,11 +218,13 @@ class LLM:
         finish = particle.finish_reason or "length"
         if group.constraint is None:
             return Result(text, list(particle.tokens), finish)
-        record = ParticleRecord("", {i: s for i, s in enumerate(particle.steps) if s is not None})
+        record = ParticleRecord("", {i: s for i, s in enumerate(particle.steps) if s is not None},
+                                failure=particle.failure)
         stats = record.summary(len(particle.tokens))
-        del stats["key"], stats["error"]  # errors raise in the driver; the key is internal
+        del stats["key"]
         stats["dead"] = finish == "constraint"
-        log_weight = -math.inf if finish == "constraint" else stats["log_weight"]
+        log_weight = -math.inf if finish in ("constraint", "budget", "error") \
+            else stats["log_weight"]
         stats["log_weight"] = log_weight
         value = group.constraint.parse(text) if finish == "stop" else None
         return Result(text, list(particle.tokens), finish, log_weight, value, stats)
@@ -204,6 +239,15 @@ class LLM:
         results = [self._particle_result(group, p) for p in group.particles]
         if settings.particles == 1:
             return results[0]
+        if group.failure is not None:  # weights unknown: no posterior, no estimate
+            for r in results:
+                r.normalized_weight = None
+            main = next(r for r in results if r.finish_reason == group.failure["reason"])
+            return Result(main.text, main.token_ids, main.finish_reason, main.log_weight,
+                          None, dict(main.stats, failure=group.failure), particles=results,
+                          log_z=None, draws=[], resampling=group.resamples,
+                          ancestry=[{"uid": p.uid, "parent": p.parent}
+                                    for p in group.particles])
         # final weights since the last resampling; incomplete outputs are not in L
         final = np.array([p.log_weight(group.last_resample) if r.finish_reason == "stop"
                           else -math.inf for p, r in zip(group.particles, results)])

@@ -4,8 +4,9 @@ A request is constrained when its ``SamplingParams.extra_args["tether"]`` holds 
 ``ParticleConfig``. For every step, ``apply`` receives the fp32 logits of the whole batch where
 they already are (the GPU in production) and, for the constrained rows only:
 
-1. shapes each row's distribution with the request's temperature, top-k and top-p
-   (``samplers.candidates.shape_logprobs``; the order is vLLM's own: temperature, top-k, top-p);
+1. shapes each row's distribution the way vLLM's sampler would: the request's repetition,
+   frequency and presence penalties (``samplers.candidates.apply_penalties``), then
+   temperature, min-p, top-k and top-p (``shape_logprobs``), in vLLM's order;
 2. ranks the candidates of all those rows by counter-based Gumbel keys in one batched device
    operation, and copies the top ``CANDIDATES`` of each row to the host in one copy;
 3. on the host, runs the row's AWRS step (``samplers.awrs``) against its constraint state;
@@ -14,12 +15,26 @@ they already are (the GPU in production) and, for the constrained rows only:
 4. forces the chosen token: the row becomes -inf except that token (0), so whatever vLLM's
    sampler does next (penalties, temperature, top-k/p, greedy or random) returns it.
 
-Truncation and constraints can leave nothing: when every token inside top-k/top-p is rejected,
-the step is redone on the untruncated distribution (temperature only), the way a masking
-sampler applies top-k/top-p after the mask; the step is recorded as ``untruncated``.
+The target. Each step samples from the distribution vLLM's sampler would sample from (the
+shaping above), restricted to the allowed tokens. Where truncation (min-p, top-k, top-p) leaves
+no allowed token, the step is redone on the untruncated distribution (penalties and
+temperature only), the way a masking sampler applies truncation after the mask; such steps are
+counted (``untruncated_steps``). So the SMC target is the model shaped by the request's
+parameters, untruncated at exactly those steps. Built-in processors run before this one
+(min-tokens, logit bias, allowed tokens and bad words shape the logits AWRS sees).
 
-Built-in processors run before this one (min-tokens and logit bias shape the logits AWRS sees);
-the request's repetition/frequency/presence penalties are not applied to constrained rows.
+Bounded cost. Each particle carries a time budget for its constraint (``budget_s``, what is
+left of its lineage's); each step of a row gets at most ``STEP_LIMIT_S`` of it. Checks run
+under that deadline (``constraints.budget``): a check that runs out ends the particle with the
+reason ``budget``; it never counts as a rejection. The bounded-cost fallback (the full mask
+after ``max_rejections``) is used only where the mask is cheap (llguidance); constraints
+checked on text (partial matching, predicates) keep sampling candidates instead, which never
+costs more than the mask would and stops at the deadline.
+
+Isolation. Nothing raised while checking one request leaves this processor: a constraint that
+fails to compile, raises mid-generation, or disagrees with its own mask ends that particle with
+the reason ``error`` (forced to a stop token, the message in its record), and the other rows
+of the batch go on. An exception reaching vLLM's engine core would kill every request.
 
 Randomness is a pure function of (particle seed, step): every tensor-parallel rank computes the
 same logits, the same keys and the same decisions, and forces the same token.
@@ -39,8 +54,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from tether.constraints import budget
 from tether.samplers import awrs
-from tether.samplers.candidates import CandidateStream, rank_batch, shape_logprobs
+from tether.samplers.candidates import (CandidateStream, apply_penalties, rank_batch,
+                                        shape_logprobs)
 from tether.samplers.gumbel import mix_seed
 
 try:  # vLLM is imported lazily elsewhere; this module is only loaded by the engine.
@@ -51,6 +68,9 @@ except ImportError:  # pragma: no cover - vLLM missing: the processor cannot be 
 
 CANDIDATES = 8  # candidates per row copied to the host per step
 DEFAULT_MAX_REJECTIONS = 16
+DEFAULT_BUDGET_S = 10.0  # constraint seconds per particle (its lineage through resampling)
+STEP_LIMIT_S = 0.5  # constraint seconds one row may take in one engine step (a full
+# scan of a 49k vocabulary by partial matching takes about 0.1 s here)
 MAX_COIN_RATIO = 16.0  # see samplers.awrs: bounded mode replaces a lopsided coin flip by the mask
 SAMPLERS = ("awrs", "lcd")
 EXTRA_KEY = "tether"
@@ -62,6 +82,7 @@ class ParticleConfig:
 
     ``prefix``: output tokens this particle had already generated before it was (re)submitted
     with them appended to its prompt (SMC resampling); steps are numbered from ``len(prefix)``.
+    ``budget_s``: constraint seconds this particle may still spend (None: no limit).
     """
 
     spec: dict
@@ -71,6 +92,7 @@ class ParticleConfig:
     max_rejections: int | None = DEFAULT_MAX_REJECTIONS
     seed: int = 0
     prefix: tuple[int, ...] = field(default_factory=tuple)
+    budget_s: float | None = DEFAULT_BUDGET_S
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -85,11 +107,14 @@ class ParticleConfig:
                 and self.sampler == "awrs":
             raise ValueError("the geometric estimator has no bounded-cost form; "
                              "use max_rejections=None with it, or the recursive estimator")
+        if self.budget_s is not None and not self.budget_s >= 0:
+            raise ValueError("the constraint budget must be a number of seconds >= 0")
 
     def to_extra_args(self) -> dict:
         return {EXTRA_KEY: {"spec": self.spec, "key": self.key, "sampler": self.sampler,
                             "estimator": self.estimator, "max_rejections": self.max_rejections,
-                            "seed": self.seed, "prefix": list(self.prefix)}}
+                            "seed": self.seed, "prefix": list(self.prefix),
+                            "budget_s": self.budget_s}}
 
     @classmethod
     def from_extra_args(cls, extra: dict | None) -> "ParticleConfig | None":
@@ -98,60 +123,106 @@ class ParticleConfig:
         raw = extra[EXTRA_KEY]
         if not isinstance(raw, dict) or "spec" not in raw or "key" not in raw:
             raise ValueError("extra_args['tether'] needs at least 'spec' and 'key'")
-        known = {"spec", "key", "sampler", "estimator", "max_rejections", "seed", "prefix"}
+        known = {"spec", "key", "sampler", "estimator", "max_rejections", "seed", "prefix",
+                 "budget_s"}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"unknown extra_args['tether'] fields: {', '.join(sorted(unknown))}")
         return cls(spec=raw["spec"], key=str(raw["key"]), sampler=raw.get("sampler", "awrs"),
                    estimator=raw.get("estimator", "recursive"),
                    max_rejections=raw.get("max_rejections", DEFAULT_MAX_REJECTIONS),
-                   seed=int(raw.get("seed", 0)), prefix=tuple(raw.get("prefix", ())))
+                   seed=int(raw.get("seed", 0)), prefix=tuple(raw.get("prefix", ())),
+                   budget_s=raw.get("budget_s", DEFAULT_BUDGET_S))
 
 
 class _Row:
-    """One constrained request in the persistent batch."""
+    """One constrained request in the persistent batch.
 
-    def __init__(self, cfg: ParticleConfig, params: Any, output: list[int], tokenizer_path: str):
+    Construction never raises: whatever goes wrong (the spec does not compile, the prefix does
+    not replay) is recorded as the row's failure, and the row is then forced to stop.
+    """
+
+    def __init__(self, cfg: ParticleConfig, params: Any, prompt: list[int] | None,
+                 output: list[int], vocab: Any, engine: int | None):
         from tether.constraints import Spec, compile_constraint
         from tether.decode.records import record_for
 
         self.cfg = cfg
         self.output = output  # vLLM's live list of this request's output token ids
-        self.constraint = compile_constraint(Spec.from_wire(cfg.spec), tokenizer_path)
-        self.record = record_for(cfg.key)
-        self.stop_ids = frozenset(self.constraint.eos_token_ids) | frozenset(
-            params.all_stop_token_ids or ())
-        self.seed = mix_seed(cfg.seed)
+        self.record = record_for(cfg.key, engine)
+        self.consumed = 0  # how many of ``output`` are folded into ``state``
+        self.spent = 0.0  # constraint seconds this request has used
+        self.stop_ids = frozenset(vocab.eos_token_ids) | frozenset(params.all_stop_token_ids or ())
+        self.stop_token = min(self.stop_ids)
         temperature = float(params.temperature)
         self.greedy = temperature < 1e-5
         self.temperature = 1.0 if self.greedy else temperature
-        self.top_k = int(params.top_k) if params.top_k and params.top_k > 0 else 0
-        self.top_p = float(params.top_p) if params.top_p else 1.0
-        self.truncates = self.top_k > 0 or self.top_p < 1.0
-        self.cheap_mask = self.constraint.cheap_mask
-        self.state = self.constraint.start()
-        for t in cfg.prefix:
-            self.state = self.constraint.advance(self.state, t)
-        self.consumed = 0  # how many of ``output`` are folded into ``state``
+        # Truncation does not change a greedy choice: greedy rows are never truncated.
+        self.top_k = int(params.top_k) if params.top_k and params.top_k > 0 and not self.greedy \
+            else 0
+        self.top_p = float(params.top_p) if params.top_p and not self.greedy else 1.0
+        self.min_p = float(params.min_p or 0.0) if not self.greedy else 0.0
+        self.truncates = self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+        self.penalties = (float(params.repetition_penalty), float(params.frequency_penalty),
+                          float(params.presence_penalty))
+        self.penalized = self.penalties != (1.0, 0.0, 0.0)
+        # the prompt without the carried prefix: penalties count the prefix as output
+        self.prompt = list(prompt or [])[: max(0, len(prompt or []) - len(cfg.prefix))]
+        self.seed = mix_seed(cfg.seed)
+        self.constraint = None
+        self.state = None
+        try:
+            self.constraint = compile_constraint(Spec.from_wire(cfg.spec), vocab)
+            self.stop_ids |= frozenset(self.constraint.eos_token_ids)
+            self.cheap_mask = self.constraint.cheap_mask
+            state = self.constraint.start()
+            with budget.deadline(self.allowance()):
+                for t in cfg.prefix:  # decided by this same constraint: no need to recheck
+                    state = self.constraint.advance(state, t, check=False)
+            self.state = state
+        except budget.BudgetExceeded as e:
+            self.fail("budget", f"replaying the resampled prefix: {e}")
+        except Exception as e:
+            self.fail("error", f"{type(e).__name__}: {e}")
 
-    def sync(self) -> None:
-        """Fold the output tokens vLLM appended since the last step into the state."""
-        while self.consumed < len(self.output):
-            token = self.output[self.consumed]
-            if token in self.stop_ids or self.record.error is not None:
-                self.consumed = len(self.output)
-                return
-            try:
-                self.state = self.constraint.advance(self.state, token)
-            except ValueError as e:
-                self.record.error = f"output token {token} at step {self.step}: {e}"
-            self.consumed += 1
+    # -- failures -------------------------------------------------------------------------------
+    @property
+    def failed(self) -> bool:
+        return self.record.failure is not None
 
+    def fail(self, reason: str, message: str) -> None:
+        if self.record.failure is None:
+            self.record.failure = {"reason": reason, "message": message[:500],
+                                   "step": self.step}
+
+    def allowance(self) -> float | None:
+        """Seconds this row may spend in the constraint at this step."""
+        if self.cfg.budget_s is None:
+            return STEP_LIMIT_S
+        return min(STEP_LIMIT_S, self.cfg.budget_s - self.spent)
+
+    # -- the protocol -----------------------------------------------------------------------------
     @property
     def step(self) -> int:
         return len(self.cfg.prefix) + self.consumed
 
+    def sync(self) -> None:
+        """Fold the output tokens vLLM appended since the last step into the state."""
+        while self.consumed < len(self.output) and not self.failed:
+            token = self.output[self.consumed]
+            if token in self.stop_ids:
+                self.consumed = len(self.output)
+                return
+            decided = self.record.steps.get(self.step)
+            trusted = decided is not None and decided.token == token
+            try:
+                self.state = self.constraint.advance(self.state, token, check=not trusted)
+            except ValueError as e:
+                self.fail("error", f"output token {token} at step {self.step}: {e}")
+            self.consumed += 1
+
     def accept(self, token: int) -> bool:
+        budget.check()
         if token in self.stop_ids:
             return self.constraint.is_complete(self.state)
         return self.constraint.allows(self.state, token)
@@ -165,15 +236,23 @@ class _Row:
 
     def decide(self, stream: CandidateStream) -> awrs.StepResult:
         cfg = self.cfg
-        bounded = cfg.max_rejections
+        # The full-mask fallback only where a mask costs about as much as a few checks.
+        bounded = cfg.max_rejections if self.cheap_mask else None
         if self.greedy or cfg.sampler == "lcd":
             return awrs.lcd(stream, self.accept, max_rejections=bounded, allowed=self.allowed)
         if cfg.estimator == "geometric":
             rng = np.random.default_rng(mix_seed(self.seed, self.step, 1))
             return awrs.geometric_awrs(stream, self.accept, rng)
-        ratio = MAX_COIN_RATIO if (bounded is not None and self.cheap_mask) else None
+        ratio = MAX_COIN_RATIO if bounded is not None else None
         return awrs.recursive_awrs(stream, self.accept, max_rejections=bounded,
                                    allowed=self.allowed, max_coin_ratio=ratio)
+
+    def logits(self, logits_row: torch.Tensor) -> torch.Tensor:
+        """This row's logits with the request's penalties (``[V]``)."""
+        if not self.penalized:
+            return logits_row
+        return apply_penalties(logits_row, self.prompt, list(self.cfg.prefix) + self.output,
+                               *self.penalties)
 
 
 class AWRSLogitsProcessor(LogitsProcessor):
@@ -192,8 +271,15 @@ class AWRSLogitsProcessor(LogitsProcessor):
                              "tether constraint")
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool):
+        from tether.constraints import vocab_for
+
         self.device = device
-        self.tokenizer_path = vllm_config.model_config.tokenizer
+        # Built here, at engine start, so that the first constrained request does not stall
+        # an engine step for the tokenizer's byte tables (about 1 s; 11 s for Gemma 3).
+        self.vocab = vocab_for(vllm_config.model_config.tokenizer)
+        # vLLM 0.32 resets data_parallel_rank to 0 in the engines of dense models (they run as
+        # independent DP=1 engines); data_parallel_index keeps the engine's rank.
+        self.engine = vllm_config.parallel_config.data_parallel_index
         self.rows: dict[int, _Row] = {}
 
     def is_argmax_invariant(self) -> bool:
@@ -204,12 +290,12 @@ class AWRSLogitsProcessor(LogitsProcessor):
             return
         for index in batch_update.removed:
             self.rows.pop(index, None)
-        for index, params, _prompt, output in batch_update.added:
-            cfg = ParticleConfig.from_extra_args(params.extra_args)
+        for index, params, prompt, output in batch_update.added:
+            cfg = ParticleConfig.from_extra_args(params.extra_args)  # checked by validate_params
             if cfg is None:
                 self.rows.pop(index, None)
             else:
-                self.rows[index] = _Row(cfg, params, output, self.tokenizer_path)
+                self.rows[index] = _Row(cfg, params, prompt, output, self.vocab, self.engine)
         for a, b, direction in batch_update.moved:
             row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
             if row_a is not None:
@@ -223,63 +309,92 @@ class AWRSLogitsProcessor(LogitsProcessor):
         indices = sorted(i for i in self.rows if i < logits.shape[0])
         if not indices:
             return logits
-        rows = [self.rows[i] for i in indices]
-        for row in rows:
-            row.sync()
+        forced: dict[int, int] = {}
+        live: list[tuple[int, _Row]] = []
+        for i in indices:
+            row = self.rows[i]
+            t0 = time.perf_counter()
+            try:
+                with budget.deadline(row.allowance()):
+                    row.sync()
+            except budget.BudgetExceeded as e:
+                row.fail("budget", str(e))
+            except Exception as e:  # isolation: see the module docstring
+                row.fail("error", f"{type(e).__name__}: {e}")
+            row.spent += time.perf_counter() - t0
+            if row.failed:
+                forced[i] = self._end(row)
+            else:
+                live.append((i, row))
+        if live:
+            forced.update(self._decide(logits, live))
+        index_t = torch.tensor(list(forced), device=logits.device)
+        logits.index_fill_(0, index_t, float("-inf"))
+        logits[index_t, torch.tensor(list(forced.values()), device=logits.device)] = 0.0
+        return logits
+
+    def _end(self, row: _Row) -> int:
+        """A failed row: record the step, force a stop token so that the request ends."""
+        from tether.decode.records import StepRecord
+
+        row.record.steps[row.step] = StepRecord(row.stop_token, float("-inf"), 0, 0, False,
+                                                False, 0.0, 0.0)
+        return row.stop_token
+
+    def _rank(self, logits: torch.Tensor, rows: list[tuple[int, _Row]], truncate: bool):
+        dev = logits.device
+        shaped = torch.stack([row.logits(logits[i]) for i, row in rows])
+        logprobs = shape_logprobs(
+            shaped, torch.tensor([r.temperature for _, r in rows], device=dev),
+            torch.tensor([r.top_k if truncate else 0 for _, r in rows], device=dev),
+            torch.tensor([r.top_p if truncate else 1.0 for _, r in rows], device=dev),
+            torch.tensor([r.min_p if truncate else 0.0 for _, r in rows], device=dev))
+        return rank_batch(logprobs, [r.seed for _, r in rows], [r.step for _, r in rows],
+                          CANDIDATES, noise=[not r.greedy for _, r in rows])
+
+    def _decide(self, logits: torch.Tensor, live: list[tuple[int, _Row]]) -> dict[int, int]:
+        from tether.decode.records import StepRecord
 
         t0 = time.perf_counter()
-        dev = logits.device
-        index_t = torch.tensor(indices, device=dev)
-        logprobs = shape_logprobs(
-            logits.index_select(0, index_t),
-            torch.tensor([r.temperature for r in rows], device=dev),
-            torch.tensor([r.top_k for r in rows], device=dev),
-            torch.tensor([r.top_p for r in rows], device=dev))
-        ranked = rank_batch(logprobs, [r.seed for r in rows], [r.step for r in rows], CANDIDATES,
-                            noise=[not r.greedy for r in rows])
-        shared_device_s = (time.perf_counter() - t0) / len(rows)
-
-        forced = []
-        for j, row in enumerate(rows):
-            stream = ranked.stream(j)
+        try:
+            ranked = self._rank(logits, live, truncate=True)
+        except Exception:  # a row's parameters broke the batched operation: rank rows alone
+            ranked = None
+        shared_device_s = (time.perf_counter() - t0) / len(live)
+        forced = {}
+        for j, (i, row) in enumerate(live):
             t1 = time.perf_counter()
             untruncated = False
-            if row.record.error is not None:
-                result = awrs.StepResult(None, float("-inf"), 0, 0)
-            else:
-                result = row.decide(stream)
-                if result.dead and row.truncates:
-                    # Nothing allowed inside top-k/top-p: retry on the untruncated distribution.
-                    full = rank_batch(
-                        shape_logprobs(logits[indices[j]:indices[j] + 1],
-                                       torch.tensor([row.temperature], device=dev),
-                                       torch.tensor([0], device=dev), torch.tensor([1.0], device=dev)),
-                        [row.seed], [row.step], CANDIDATES, noise=[not row.greedy])
-                    stream = full.stream(0)
-                    result, untruncated = row.decide(stream), True
+            try:
+                with budget.deadline(row.allowance()):
+                    stream = ranked.stream(j) if ranked is not None else \
+                        self._rank(logits, [(i, row)], truncate=True).stream(0)
+                    result = row.decide(stream)
+                    if result.dead and row.truncates:
+                        # Nothing allowed inside the truncation: redo on the full distribution.
+                        stream = self._rank(logits, [(i, row)], truncate=False).stream(0)
+                        result, untruncated = row.decide(stream), True
+            except budget.BudgetExceeded as e:
+                row.fail("budget", str(e))
+            except Exception as e:  # isolation: see the module docstring
+                row.fail("error", f"{type(e).__name__}: {e}")
             elapsed = time.perf_counter() - t1
+            if row.failed:
+                row.spent += elapsed
+                forced[i] = self._end(row)
+                continue
+            constraint_s = max(0.0, elapsed - stream.device_seconds)
+            row.spent += constraint_s
             token = result.token
             if token is None:
-                token = min(row.stop_ids)
+                token = row.stop_token
                 if row.record.dead_step is None or row.record.dead_step > row.step:
                     row.record.dead_step = row.step
             elif row.record.dead_step is not None and row.record.dead_step >= row.step:
                 row.record.dead_step = None  # that death was on a discarded sample
-            row.record.steps[row.step] = _step_record(result, token, elapsed, stream,
-                                                      shared_device_s, untruncated)
-            forced.append(token)
-
-        forced_t = torch.tensor(forced, device=dev)
-        logits.index_fill_(0, index_t, float("-inf"))
-        logits[index_t, forced_t] = 0.0
-        return logits
-
-
-def _step_record(result: awrs.StepResult, token: int, elapsed: float, stream: CandidateStream,
-                 shared_device_s: float, untruncated: bool):
-    from tether.decode.records import StepRecord
-
-    return StepRecord(token=token, log_weight=result.log_weight, checks=result.checks,
-                      rejections=result.rejections, exact=result.exact, untruncated=untruncated,
-                      constraint_s=max(0.0, elapsed - stream.device_seconds),
-                      device_s=shared_device_s + stream.device_seconds)
+            row.record.steps[row.step] = StepRecord(
+                token=token, log_weight=result.log_weight, checks=result.checks,
+                rejections=result.rejections, exact=result.exact, untruncated=untruncated,
+                constraint_s=constraint_s, device_s=shared_device_s + stream.device_seconds)
+            forced[i] = token
+        return forced

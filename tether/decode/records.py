@@ -1,15 +1,37 @@
-"""Per-particle records written by the AWRS logits processor, and how callers read them.
+"""Per-particle records written by the AWRS logits processor, and how callers collect them.
 
-The processor runs inside vLLM's workers, each of which keeps a module-level store. The caller
-reaches it through ``TetherWorkerExtension.tether_pop_records`` via ``collective_rpc``, which
-works both with the engine in the caller's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and
-with worker processes (every tensor-parallel rank computes the same records; the first answer
-is used).
+Where records live. The processor runs inside vLLM's workers; each worker process keeps a
+module-level store, keyed by the particle's request id. A record holds one entry per decoding
+step (token, log weight, checks, times), the step at which the particle died, a failure
+(``budget`` or ``error``) if its constraint could not be checked, and the data-parallel rank of
+the engine that computed it.
 
-A record keeps one entry per step, keyed by the step index. A step computed for a sample that
-vLLM then discards (a partial prefill chunk) is overwritten when the step is computed for real,
-so the entries for steps 0..n-1 of an output with n tokens are exactly the decisions behind it;
-``ParticleRecord.summary(n)`` truncates to those.
+How they reach the SMC driver, under every layout. The driver asks the workers of *every*
+engine it talks to, in one call per round (``tether_exchange``: read the new steps of live
+particles, pop the records of finished ones), and merges the answers:
+
+* tensor parallel: every rank of an engine computes the same record (same logits, same seeded
+  noise); the answers must agree (``merge``), else the ranks' KV caches would diverge;
+* pipeline parallel: only the last stage samples, so only its ranks hold records; the other
+  ranks answer without them, and holders alone are compared;
+* data parallel (internal load balancing, one or several nodes): a record lives in exactly one
+  engine; vLLM's data-parallel client answers ``collective_rpc`` with the first engine's result
+  only, so the call goes to each engine itself (``call_utility_all_async``);
+* external or hybrid load balancing: each API server talks only to its own engines, which are
+  the engines its requests ran on.
+
+This design was chosen over carrying weights inside vLLM's outputs (which have no field for
+them; logprobs would have to be repurposed, breaking the ``logprobs`` a user asks for) and over
+pinning a whole population to one engine (which would stop a large population from spreading
+over engines). Its cost is one call per engine per round, made only when some particle needs
+reading: populations of one particle read once, when their particle finishes.
+
+Never a silent default: a particle whose record is missing or lacks a step is an error for its
+request (``smc.SMCDriver`` checks completeness), never a weight of 1.
+
+Steps of discarded samples. A step computed for a sample that vLLM then discards (a partial
+prefill chunk) is overwritten when the step is computed for real, so the entries for steps
+0..n-1 of an output with n tokens are exactly the decisions behind it.
 """
 
 from __future__ import annotations
@@ -19,17 +41,17 @@ import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
-MAX_RECORDS = 65536  # the oldest unread records are dropped past this
+MAX_RECORDS = 65536  # the oldest unread records are dropped past this (a safety net only)
 
 
 @dataclass
 class StepRecord:
-    token: int  # the token forced at this step (a stop token for a dead particle)
+    token: int  # the token forced at this step (a stop token for a dead or failed particle)
     log_weight: float  # log W of this step (0.0 for lcd/greedy; -inf for a dead particle)
     checks: int
     rejections: int
     exact: bool  # finished by the full mask (bounded-cost mode)
-    untruncated: bool  # redone without top-k/top-p, which left no allowed token
+    untruncated: bool  # redone without top-k/top-p/min-p, which left no allowed token
     constraint_s: float  # host time spent in the constraint
     device_s: float  # time in device operations attributed to this row
 
@@ -39,7 +61,10 @@ class ParticleRecord:
     key: str
     steps: dict[int, StepRecord] = field(default_factory=dict)
     dead_step: int | None = None  # first step at which every token was rejected
-    error: str | None = None  # an output token the constraint refused (should not happen)
+    # {"reason": "budget" | "error", "message": ..., "step": ...}: the constraint could not
+    # be checked (its time budget ran out, or it raised); the particle was ended at that step
+    failure: dict | None = None
+    engine: int | None = None  # data-parallel rank of the engine that computed it
 
     def summary(self, n_tokens: int | None = None) -> dict:
         """Totals over steps ``0..n_tokens-1`` (all recorded steps if None)."""
@@ -60,95 +85,117 @@ class ParticleRecord:
             "constraint_s": sum(s.constraint_s for s in steps),
             "device_s": sum(s.device_s for s in steps),
             "dead": dead,
-            "error": self.error,
+            "failure": self.failure,
         }
 
-    def to_dict(self) -> dict:
-        return {"key": self.key, "dead_step": self.dead_step, "error": self.error,
-                "steps": {i: asdict(s) for i, s in self.steps.items()}}
+    def to_dict(self, since: int = 0) -> dict:
+        return {"key": self.key, "dead_step": self.dead_step, "failure": self.failure,
+                "engine": self.engine,
+                "steps": {i: asdict(s) for i, s in self.steps.items() if i >= since}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ParticleRecord":
         return cls(d["key"], {int(i): StepRecord(**s) for i, s in d["steps"].items()},
-                   d["dead_step"], d["error"])
+                   d["dead_step"], d["failure"], d["engine"])
 
+
+# -- the worker side ------------------------------------------------------------------------------
 
 _STORE: "OrderedDict[str, ParticleRecord]" = OrderedDict()
 _LOCK = threading.Lock()
 
 
-def record_for(key: str) -> ParticleRecord:
+def record_for(key: str, engine: int | None = None) -> ParticleRecord:
     """The record for ``key``, created on first use (processor side)."""
     with _LOCK:
         rec = _STORE.get(key)
         if rec is None:
-            rec = _STORE[key] = ParticleRecord(key)
+            rec = _STORE[key] = ParticleRecord(key, engine=engine)
             while len(_STORE) > MAX_RECORDS:
                 _STORE.popitem(last=False)
         return rec
 
 
-def pop_local(keys: list[str]) -> dict[str, dict]:
-    with _LOCK:
-        return {k: _STORE.pop(k).to_dict() for k in keys if k in _STORE}
-
-
-def pop_records(llm_engine, keys: list[str]) -> dict[str, ParticleRecord]:
-    """Remove and return the records of ``keys`` from the engine's workers.
-
-    Works in-process and across processes alike: the engine is built with
-    ``worker_extension_cls=TetherWorkerExtension`` and answers ``collective_rpc``.
-    """
-    answers = llm_engine.collective_rpc("tether_pop_records", args=(list(keys),))
-    check_ranks_agree(answers)
-    raw = answers[0] if answers else {}
-    return {k: ParticleRecord.from_dict(v) for k, v in raw.items()}
-
-
-def _decisions(raw: dict) -> dict:
-    return {k: (v["dead_step"], {i: (s["token"], s["log_weight"]) for i, s in v["steps"].items()})
-            for k, v in raw.items()}
-
-
-def check_ranks_agree(answers: list[dict]) -> None:
-    """Raise if tensor-parallel ranks made different decisions (tokens or weights).
-
-    Every rank runs the sampler on the same logits with the same seeded noise, so they must
-    agree; if they did not, their KV caches would silently diverge.
-    """
-    if len(answers) < 2:
-        return
-    first = _decisions(answers[0])
-    for rank, other in enumerate(answers[1:], start=1):
-        if _decisions(other) != first:
-            raise RuntimeError(f"tensor-parallel rank {rank} forced other tokens than rank 0")
-
-
-def read_local(since: dict[str, int]) -> dict[str, dict]:
-    """Steps at or after ``since[key]`` of each record, without removing anything."""
+def exchange_local(read: dict[str, int], pop: list[str]) -> dict[str, dict]:
+    """Steps at or after ``read[key]`` of those records (left in place), and the whole records
+    of ``pop`` (removed). Keys this worker does not hold are absent from the answer."""
     out = {}
     with _LOCK:
-        for key, start in since.items():
+        for key, since in read.items():
             rec = _STORE.get(key)
             if rec is not None:
-                out[key] = {"dead_step": rec.dead_step, "error": rec.error,
-                            "steps": {i: asdict(s) for i, s in rec.steps.items() if i >= start}}
+                out[key] = rec.to_dict(since)
+        for key in pop:
+            rec = _STORE.pop(key, None)
+            if rec is not None:
+                out[key] = rec.to_dict()
     return out
 
 
-def read_steps(llm_engine, since: dict[str, int]) -> dict[str, ParticleRecord]:
-    """The steps recorded since ``since[key]`` for each key (the records stay in place)."""
-    answers = llm_engine.collective_rpc("tether_read_steps", args=(dict(since),))
-    check_ranks_agree(answers)
-    raw = answers[0] if answers else {}
-    return {k: ParticleRecord.from_dict(dict(v, key=k)) for k, v in raw.items()}
+def count_local() -> int:
+    with _LOCK:
+        return len(_STORE)
 
 
 class TetherWorkerExtension:
-    """Mixed into vLLM's worker (``worker_extension_cls``) to read records across processes."""
+    """Mixed into vLLM's worker (``worker_extension_cls``) to reach the records by RPC."""
 
-    def tether_pop_records(self, keys: list[str]) -> dict[str, dict]:
-        return pop_local(keys)
+    def tether_exchange(self, read: dict[str, int], pop: list[str]) -> dict[str, dict]:
+        return exchange_local(read, pop)
 
-    def tether_read_steps(self, since: dict[str, int]) -> dict[str, dict]:
-        return read_local(since)
+    def tether_count_records(self) -> int:
+        return count_local()
+
+
+# -- the caller side ------------------------------------------------------------------------------
+
+def _decisions(raw: dict) -> tuple:
+    return (raw["dead_step"], {int(i): (s["token"], s["log_weight"])
+                               for i, s in raw["steps"].items()})
+
+
+def merge(answers: list[dict]) -> dict[str, ParticleRecord]:
+    """One record per key from the answers of many workers (all engines, all ranks).
+
+    Workers that hold a key must agree on its decisions (tokens and weights): tensor-parallel
+    ranks compute the same record. Raises ``RuntimeError`` if they do not.
+    """
+    merged: dict[str, dict] = {}
+    for worker, answer in enumerate(answers):
+        for key, raw in answer.items():
+            first = merged.get(key)
+            if first is None:
+                merged[key] = raw
+            elif _decisions(first) != _decisions(raw):
+                raise RuntimeError(f"worker {worker} forced other tokens than another worker "
+                                   f"for particle {key} (tensor-parallel ranks disagree)")
+    return {k: ParticleRecord.from_dict(v) for k, v in merged.items()}
+
+
+def exchange(llm_engine, read: dict[str, int], pop: list[str]) -> dict[str, ParticleRecord]:
+    """``tether_exchange`` on every worker of a synchronous ``LLMEngine`` (one engine)."""
+    if not read and not pop:
+        return {}
+    return merge(llm_engine.collective_rpc("tether_exchange", args=(dict(read), list(pop))))
+
+
+async def exchange_async(async_llm, read: dict[str, int],
+                         pop: list[str]) -> dict[str, ParticleRecord]:
+    """``tether_exchange`` on every worker of every engine behind an ``AsyncLLM``."""
+    if not read and not pop:
+        return {}
+    per_engine = await _all_engines(async_llm, "tether_exchange", (dict(read), list(pop)))
+    return merge([worker for engine in per_engine for worker in engine])
+
+
+async def count_async(async_llm) -> int:
+    """Records held by every engine's workers (first rank of each engine)."""
+    per_engine = await _all_engines(async_llm, "tether_count_records", ())
+    return sum(workers[0] if workers else 0 for workers in per_engine)
+
+
+async def _all_engines(async_llm, method: str, args: tuple) -> list[list]:
+    # vLLM 0.32: AsyncLLM.collective_rpc answers with the first engine's workers only under
+    # data parallelism; the core client's call_utility_all_async asks each engine it manages.
+    core = async_llm.engine_core
+    return await core.call_utility_all_async("collective_rpc", method, None, args, None)

@@ -8,43 +8,65 @@ tether adds three things:
    place. With ``--sampler awrs``, a request whose sampling parameters carry a constraint
    (``response_format`` json_schema / json_object, or ``structured_outputs`` json, regex,
    grammar, choice, on /v1/chat/completions and /v1/completions) is decoded by AWRS instead of
-   vLLM's masking backend: the wrapper compiles the constraint (a bad one raises a validation
-   error, which vLLM answers with HTTP 400), clears vLLM's ``structured_outputs`` and runs the
-   request as one particle, or, with ``n > 1`` or ``particles > 1``, as an SMC population of
+   vLLM's masking backend: the wrapper compiles the constraint off the event loop (a bad one
+   raises a validation error, which vLLM answers with HTTP 400), and runs the request as one
+   particle, or, with ``n > 1`` or ``particles > 1``, as an SMC population of
    max(particles, n) particles whose ``n`` posterior draws become the choices. Requests without
    a constraint pass through untouched.
-3. an HTTP middleware (through vLLM's ``--middleware``) that adds a ``tether`` extension field to JSON responses of those requests:
-   per choice ``log_weight`` and ``finish_reason`` (tether's: ``stop``, ``length`` or
-   ``constraint``), the population's ``log_z``, ``particles`` and ``resampling_events``, and
-   constraint statistics (``checks``, ``tokens``, ``checks_per_token``, ``rejections``).
+3. an HTTP middleware (through vLLM's ``--middleware``) that adds a ``tether`` extension field
+   to the JSON responses of those requests, and keeps the ``tether_particle_records`` gauge of
+   /metrics current.
+
+Limits and bounds (an operator exposes this to clients it does not trust):
+
+* particles and ``n`` are at most ``--max-particles``; a larger or non-positive value is a 400
+  naming the limit; a spec over 256 KB or a schema nested deeper than 64 levels is a 400;
+* every particle's constraint has a time budget (``--constraint-budget`` seconds, its lineage
+  through resampling), and no engine step spends more than ``processor.STEP_LIMIT_S`` on one
+  particle's constraint; a request that runs out ends with ``finish_reason: "budget"``;
+* sampling parameters that AWRS does not implement (``logprobs``, ``prompt_logprobs``, stop
+  strings) are a 400 naming the parameter; the penalties, min-p, top-k and top-p shape the
+  distribution AWRS samples from;
+* a constraint that fails mid-generation ends its own request (``finish_reason: "error"``,
+  the message in the ``tether`` field); the engine and the other requests go on.
+
+Finish reasons in the OpenAI choices: ``stop`` (complete and valid), ``length``
+(``max_tokens`` reached), and, where the output is neither, tether's own reason instead of a
+misleading one: ``constraint`` (no allowed continuation), ``budget``, ``error``. JSON numbers
+that are not finite (the log weight of a dead particle, the log Z of a population with no
+complete particle) are sent as null.
 
 Per-request overrides travel in ``vllm_xargs``: ``tether_sampler`` ("awrs" or "default"),
 ``tether_particles``, ``tether_ess_threshold``, ``tether_max_rejections`` (0: unbounded).
 
 Streaming: with one particle the tokens stream as they are decided. With several, the
 population has to finish before a draw can be chosen, so the chosen draw is streamed as one
-chunk once SMC ends.
+chunk once SMC ends. Streamed responses carry no ``tether`` field.
 
-A client that disconnects cancels the request; every particle of it is aborted.
-/metrics adds tether counters: ``tether_constraint_checks_total``, ``tether_tokens_total``,
-``tether_resampling_events_total``, ``tether_dead_particles_total``.
+A client that disconnects cancels the request: every particle is aborted and every record it
+left in the engines is collected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import logging
 import math
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator
 
-from tether.decode.processor import DEFAULT_MAX_REJECTIONS
-from tether.decode.records import ParticleRecord, check_ranks_agree
-from tether.decode.smc import SMCDriver, SMCSettings
+from tether.decode.llm import finite_json
+from tether.decode.processor import DEFAULT_BUDGET_S, DEFAULT_MAX_REJECTIONS
+from tether.decode.records import count_async, exchange_async
+from tether.decode.smc import SMCDriver, SMCSettings, prefill_per_resampling
 from tether.errors import ConstraintError
 
-MAX_SPEC_BYTES = 256 * 1024  # a bigger schema or grammar is refused with a 400
+log = logging.getLogger("tether.serve")
+
+DEFAULT_MAX_PARTICLES = 64
 SIDE_INFO_LIMIT = 4096  # responses whose extension field was not collected are dropped past this
 
 
@@ -54,16 +76,31 @@ class ServeSettings:
     particles: int = 1
     ess_threshold: float = 0.5
     max_rejections: int | None = DEFAULT_MAX_REJECTIONS
+    max_particles: int = DEFAULT_MAX_PARTICLES
+    budget_s: float | None = DEFAULT_BUDGET_S
+
+
+class RequestError(ConstraintError):
+    """A bad request parameter (answered with 400 naming ``parameter``)."""
+
+    def __init__(self, message: str, parameter: str | None = None):
+        super().__init__(message)
+        self.parameter = parameter
 
 
 def _metrics():
-    from prometheus_client import Counter
+    from prometheus_client import Counter, Gauge
 
     names = {"checks": "tether_constraint_checks", "tokens": "tether_tokens",
-             "resampling": "tether_resampling_events", "dead": "tether_dead_particles"}
+             "resampling": "tether_resampling_events", "dead": "tether_dead_particles",
+             "failed": "tether_failed_requests"}
     helps = {"checks": "Constraint checks made by AWRS", "tokens": "Tokens decided by AWRS",
-             "resampling": "SMC resampling events", "dead": "Particles ended by the constraint"}
-    return {k: Counter(v, helps[k]) for k, v in names.items()}
+             "resampling": "SMC resampling events", "dead": "Particles ended by the constraint",
+             "failed": "Requests ended by a constraint budget or error"}
+    counters = {k: Counter(v, helps[k]) for k, v in names.items()}
+    counters["records"] = Gauge("tether_particle_records",
+                                "Particle records held in the engines (read at each scrape)")
+    return counters
 
 
 def spec_from_structured_outputs(so: Any) -> Any:
@@ -73,8 +110,12 @@ def spec_from_structured_outputs(so: Any) -> Any:
     if so is None:
         return None
     if so.json is not None:
-        schema = json.loads(so.json) if isinstance(so.json, str) else so.json
-        return JsonSchema(schema)
+        if isinstance(so.json, str):
+            try:
+                return JsonSchema(json.loads(so.json))
+            except (ValueError, RecursionError):
+                return JsonSchema(so.json)  # normalize() names the problem
+        return JsonSchema(so.json)
     if so.json_object:
         return JsonSchema({"type": "object"})
     if so.regex is not None:
@@ -93,11 +134,24 @@ def spec_from_structured_outputs(so: Any) -> Any:
     return None
 
 
-def _spec_size(spec: Any) -> int:
-    for attr in ("schema", "pattern", "text", "options"):
-        if hasattr(spec, attr):
-            return len(json.dumps(getattr(spec, attr)) if attr != "text" else spec.text)
-    return 0
+def _option(overrides: dict, name: str, kind: type, default: Any, low: float | None = None,
+            high: float | None = None) -> Any:
+    """A ``vllm_xargs`` override, type-checked and range-checked (RequestError: a 400)."""
+    if name not in overrides:
+        return default
+    raw = overrides[name]
+    try:
+        if isinstance(raw, bool) or (kind is int and isinstance(raw, float) and not
+                                     raw.is_integer()):
+            raise TypeError
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise RequestError(f"vllm_xargs.{name} must be a {kind.__name__}, got {raw!r}",
+                           name) from None
+    if (low is not None and value < low) or (high is not None and value > high) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise RequestError(f"vllm_xargs.{name} must be in [{low}, {high}], got {raw!r}", name)
+    return value
 
 
 _STREAM_END = object()  # a particle's stream has ended (wakes the SMC loop)
@@ -110,15 +164,20 @@ class _AsyncBackend:
         self.engine, self.queue, self.kwargs = engine, queue, kwargs
         self.tasks: dict[str, asyncio.Task] = {}
 
-    def submit(self, request_id: str, prompt: dict, params: Any) -> None:
+    def submit(self, request_id: str, prompt: dict, params: Any, engine: int | None) -> None:
         from vllm.sampling_params import RequestOutputKind
 
         params.output_kind = RequestOutputKind.CUMULATIVE
-        self.tasks[request_id] = asyncio.ensure_future(self._consume(request_id, prompt, params))
+        kwargs = dict(self.kwargs)
+        local = _local_engine_index(self.engine, engine)
+        if local is not None:  # route a copy to the engine that holds its ancestor's prefix
+            kwargs["data_parallel_rank"] = local
+        self.tasks[request_id] = asyncio.ensure_future(
+            self._consume(request_id, prompt, params, kwargs))
 
-    async def _consume(self, request_id: str, prompt: dict, params: Any) -> None:
+    async def _consume(self, request_id: str, prompt: dict, params: Any, kwargs: dict) -> None:
         try:
-            async for out in self.engine.generate(prompt, params, request_id, **self.kwargs):
+            async for out in self.engine.generate(prompt, params, request_id, **kwargs):
                 self.queue.put_nowait(out)
         except asyncio.CancelledError:
             raise
@@ -133,9 +192,25 @@ class _AsyncBackend:
         if task is not None:
             task.cancel()  # generate() aborts the engine request when cancelled
 
-    def cancel_all(self) -> None:
+    def cancel_all(self) -> list[asyncio.Task]:
+        tasks = list(self.tasks.values())
         for request_id in list(self.tasks):
             self.abort(request_id)
+        return tasks
+
+
+def _local_engine_index(async_llm: Any, rank: int | None) -> int | None:
+    """The index, among the engines this API server's client manages, of the engine with
+    data-parallel rank ``rank`` (what ``generate(data_parallel_rank=...)`` takes); None when
+    there is nothing to route (one engine, or an engine this client does not manage)."""
+    if rank is None:
+        return None
+    core = getattr(async_llm, "engine_core", None)
+    if not hasattr(core, "reqs_in_flight"):  # not vLLM's load-balancing data-parallel client
+        return None
+    identity = int(rank).to_bytes(2, "little")
+    engines = getattr(core, "core_engines", [])
+    return engines.index(identity) if identity in engines else None
 
 
 class TetherEngineClient:
@@ -147,51 +222,87 @@ class TetherEngineClient:
         self._tokenizer_path = engine.model_config.tokenizer
         self.side_info: dict[str, dict] = {}
         self._counters = _metrics()
+        # Compilation runs here, off the event loop; the cache (constraints.base) is keyed by
+        # the constraint's content and its parse target.
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tether-compile")
+        self._reaping: set[asyncio.Task] = set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
+    async def warm_up(self) -> None:
+        """Build the tokenizer's byte tables before the first request needs them."""
+        from tether.constraints import vocab_for
+
+        await asyncio.get_running_loop().run_in_executor(self._pool, vocab_for,
+                                                         self._tokenizer_path)
+
     # -- planning ---------------------------------------------------------------------------
-    def _plan(self, params: Any) -> dict | None:
+    async def _plan(self, params: Any) -> dict | None:
+        settings = self._settings
         extra = dict(params.extra_args or {})
-        sampler = extra.pop("tether_sampler", self._settings.sampler)
+        sampler = extra.pop("tether_sampler", settings.sampler)
         if sampler not in ("awrs", "default"):
-            raise ConstraintError(f"unknown sampler {sampler!r}; use 'awrs' or 'default'")
+            raise RequestError(f"unknown sampler {sampler!r}; use 'awrs' or 'default'",
+                               "tether_sampler")
         overrides = {k: extra.pop(k) for k in list(extra) if k.startswith("tether_")}
-        spec = spec_from_structured_outputs(params.structured_outputs)
-        if sampler != "awrs" or spec is None:
+        so = params.structured_outputs
+        has_constraint = so is not None and any(
+            getattr(so, f, None) not in (None, False)
+            for f in ("json", "json_object", "regex", "choice", "grammar", "structural_tag"))
+        if sampler != "awrs" or not has_constraint:
             if overrides:
-                raise ConstraintError(f"unknown tether options {sorted(overrides)}"
-                                      if sampler == "awrs" else
-                                      "tether options need the awrs sampler and a constraint")
+                raise RequestError(f"unknown tether options {sorted(overrides)}"
+                                   if sampler == "awrs" else
+                                   "tether options need the awrs sampler and a constraint",
+                                   sorted(overrides)[0])
             return None
         unknown = set(overrides) - {"tether_particles", "tether_ess_threshold",
                                     "tether_max_rejections"}
         if unknown:
-            raise ConstraintError(f"unknown tether options: {', '.join(sorted(unknown))}")
-        if _spec_size(spec) > MAX_SPEC_BYTES:
-            raise ConstraintError(f"the constraint is larger than {MAX_SPEC_BYTES} bytes")
+            raise RequestError(f"unknown tether options: {', '.join(sorted(unknown))}",
+                               sorted(unknown)[0])
+        limit = settings.max_particles
+        particles = _option(overrides, "tether_particles", int, settings.particles)
+        if not 1 <= particles <= limit:
+            raise RequestError(f"vllm_xargs.tether_particles must be between 1 and {limit} "
+                               f"(the server's --max-particles), got {particles}",
+                               "tether_particles")
+        if not 1 <= params.n <= limit:
+            raise RequestError(f"n must be between 1 and {limit} (the server's "
+                               f"--max-particles), got {params.n}", "n")
+        ess = _option(overrides, "tether_ess_threshold", float, settings.ess_threshold, 0.0, 1.0)
+        max_rejections = _option(overrides, "tether_max_rejections", int,
+                                 settings.max_rejections or 0, 0, 1 << 20) or None
+        for name, value in (("logprobs", params.logprobs),
+                            ("prompt_logprobs", params.prompt_logprobs)):
+            if value is not None:
+                raise RequestError(f"{name} is not supported with the awrs sampler (it forces "
+                                   "the tokens it decides); send vllm_xargs.tether_sampler: "
+                                   "'default' for vLLM's structured outputs", name)
+        if params.stop:
+            raise RequestError("stop strings are not supported with the awrs sampler: the "
+                               "constraint decides where the output ends (stop_token_ids "
+                               "are, and end the output where the constraint allows)", "stop")
+        loop = asyncio.get_running_loop()
+        compiled = await loop.run_in_executor(self._pool, self._compile, so)
+        return {"constraint": compiled, "extra": extra, "particles": max(particles, params.n),
+                "ess_threshold": ess, "max_rejections": max_rejections}
+
+    def _compile(self, so: Any) -> Any:
         from tether.constraints import compile_constraint
 
-        compiled = compile_constraint(spec, self._tokenizer_path)
-        max_rejections = int(overrides.get("tether_max_rejections",
-                                           self._settings.max_rejections or 0)) or None
-        particles = int(overrides.get("tether_particles", self._settings.particles))
-        return {"constraint": compiled, "extra": extra,
-                "particles": max(particles, params.n),
-                "ess_threshold": float(overrides.get("tether_ess_threshold",
-                                                     self._settings.ess_threshold)),
-                "max_rejections": max_rejections}
+        return compile_constraint(spec_from_structured_outputs(so), self._tokenizer_path)
 
     # -- the EngineClient method vLLM's serving layer calls ------------------------------------
     async def generate(self, prompt: Any, sampling_params: Any, request_id: str,
                        **kwargs: Any) -> AsyncGenerator[Any, None]:
         try:
-            plan = self._plan(sampling_params)
+            plan = await self._plan(sampling_params)
         except ConstraintError as e:
             from vllm.exceptions import VLLMValidationError
 
-            raise VLLMValidationError(str(e)) from None
+            raise VLLMValidationError(str(e), parameter=getattr(e, "parameter", None)) from None
         if plan is None:
             async for out in self._engine.generate(prompt, sampling_params, request_id,
                                                    **kwargs):
@@ -206,24 +317,30 @@ class TetherEngineClient:
 
         prompt_ids = list(prompt["prompt_token_ids"])
         sampling = {"temperature": params.temperature, "top_p": params.top_p,
-                    "top_k": params.top_k, "stop": params.stop,
+                    "top_k": params.top_k, "min_p": params.min_p,
+                    "repetition_penalty": params.repetition_penalty,
+                    "frequency_penalty": params.frequency_penalty,
+                    "presence_penalty": params.presence_penalty,
                     "stop_token_ids": params.stop_token_ids, "min_tokens": params.min_tokens,
-                    "logit_bias": params.logit_bias,
+                    "logit_bias": params.logit_bias, "bad_words": params.bad_words,
+                    "allowed_token_ids": params.allowed_token_ids,
                     "skip_special_tokens": params.skip_special_tokens}
         settings = SMCSettings(plan["particles"], plan["ess_threshold"], "systematic",
                                params.n, False)
         queue: asyncio.Queue = asyncio.Queue()
         backend = _AsyncBackend(self._engine, queue, kwargs)
-        stream_one = plan["particles"] == 1 and params.output_kind == RequestOutputKind.DELTA
+        streaming = params.output_kind == RequestOutputKind.DELTA
+        stream_one = plan["particles"] == 1 and streaming
         driver = SMCDriver(backend, [prompt_ids], [plan["constraint"]], settings,
                            seed=params.seed if params.seed is not None else
                            uuid.uuid4().int % (2 ** 32),
                            max_tokens=params.max_tokens, sampler="awrs",
                            estimator="recursive", max_rejections=plan["max_rejections"],
                            sampling={k: v for k, v in sampling.items() if v is not None},
-                           run_id=request_id)
+                           run_id=request_id, budget_s=self._settings.budget_s)
         sent, sent_text = 0, ""  # tokens and text already streamed (one particle)
         eos = plan["constraint"].eos_token_ids
+        finished = False
         try:
             driver.start()
             while backend.tasks or not queue.empty():
@@ -236,35 +353,39 @@ class TetherEngineClient:
                 if not outputs:
                     continue
                 changed = driver.on_outputs(outputs)
-                since = driver.since(changed)
-                records = await self._read(since) if since else {}
-                driver.after_read(changed, records)
-                if stream_one and outputs and not outputs[-1].finished:
+                driver.after_read(changed, await exchange_async(self._engine,
+                                                                *driver.wanted(changed)))
+                if stream_one and not outputs[-1].finished:
                     particle = driver.groups[0].particles[0]
                     text = self._decode([t for t in particle.tokens if t not in eos])
                     if len(particle.tokens) > sent and not text.endswith("\ufffd"):
                         yield _delta(request_id, prompt_ids, text[len(sent_text):],
                                      particle.tokens[sent:])
                         sent, sent_text = len(particle.tokens), text
-            groups = driver.finish_run(await self._pop(driver.keys))
+            groups = driver.finish_run(await exchange_async(self._engine, {},
+                                                            driver.unpopped()))
+            finished = True
         finally:
-            backend.cancel_all()
+            tasks = backend.cancel_all()
+            if not finished:  # cancelled (client gone) or failed: collect what is left behind
+                self._reap(tasks, driver.unpopped())
         yield self._final(request_id, prompt_ids, groups[0], settings, sent, sent_text,
-                          stream=params.output_kind == RequestOutputKind.DELTA)
+                          stream=streaming)
 
-    async def _read(self, since: dict) -> dict:
-        answers = await self._engine.collective_rpc("tether_read_steps", args=(since,))
-        check_ranks_agree(answers)
-        raw = answers[0] if answers else {}
-        return {k: ParticleRecord.from_dict(dict(v, key=k)) for k, v in raw.items()}
+    def _reap(self, tasks: list[asyncio.Task], keys: list[str]) -> None:
+        """Once the aborted particles' streams have ended (so that their aborts reached the
+        engines first), pop every record they left there."""
+        async def reap() -> None:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await exchange_async(self._engine, {}, keys)
+            except Exception as e:  # the engine is shutting down
+                log.warning("could not collect %d particle records: %s", len(keys), e)
 
-    async def _pop(self, keys: list[str]) -> dict:
-        if not keys:
-            return {}
-        answers = await self._engine.collective_rpc("tether_pop_records", args=(list(keys),))
-        check_ranks_agree(answers)
-        raw = answers[0] if answers else {}
-        return {k: ParticleRecord.from_dict(v) for k, v in raw.items()}
+        if keys:
+            task = asyncio.ensure_future(reap())
+            self._reaping.add(task)
+            task.add_done_callback(self._reaping.discard)
 
     def _final(self, request_id: str, prompt_ids: list[int], group: Any,
                settings: SMCSettings, sent: int, sent_text: str, stream: bool) -> Any:
@@ -279,12 +400,17 @@ class TetherEngineClient:
         for p in particles:
             steps = [s for s in p.steps if s is not None]
             finish = p.finish_reason or "length"
-            log_w = -math.inf if finish == "constraint" else math.fsum(s.log_weight for s in steps)
+            log_w = -math.inf if finish in ("constraint", "budget", "error") \
+                else math.fsum(s.log_weight for s in steps)
             results.append((p, finish, log_w, steps))
         final = [(p.log_weight(group.last_resample) if f == "stop" else -math.inf)
                  for p, f, _, _ in results]
+        failed = group.failure is not None
         weights = resampling.normalize(final)
-        if settings.particles == 1:
+        if failed:  # the particle that failed first, then the others
+            picks = sorted(range(len(results)), key=lambda i: results[i][0].failure is None)
+            picks = (picks * settings.draws)[: settings.draws]
+        elif settings.particles == 1:
             picks = [0]
         elif weights.sum() > 0:
             picks = list(group.rng.choice(len(results), size=settings.draws, p=weights))
@@ -301,25 +427,37 @@ class TetherEngineClient:
             outputs.append(CompletionOutput(
                 index=index, text=text, token_ids=list(tokens),
                 cumulative_logprob=None, logprobs=None,
-                finish_reason="length" if finish == "length" else "stop",
+                finish_reason=finish,  # stop, length, or tether's reason: never a false "stop"
                 stop_reason=None))
-            info.append({"index": index, "finish_reason": finish, "log_weight": log_w})
+            choice = {"index": index, "finish_reason": finish, "log_weight": log_w,
+                      "engine": p.engine}
+            if p.failure is not None:
+                choice["failure"] = p.failure
+            info.append(choice)
         checks = sum(s.checks for _, _, _, steps in results for s in steps)
         tokens = sum(len(steps) for _, _, _, steps in results)
         dead = sum(f == "constraint" for _, f, _, _ in results)
-        log_z = (group.log_z + resampling.log_mean_exp(final)) if any(
-            math.isfinite(x) for x in final) else -math.inf
+        log_z = None
+        if not failed:
+            log_z = (group.log_z + resampling.log_mean_exp(final)) if any(
+                math.isfinite(x) for x in final) else -math.inf
         self._counters["checks"].inc(checks)
         self._counters["tokens"].inc(tokens)
         self._counters["resampling"].inc(len(group.resamples))
         self._counters["dead"].inc(dead)
-        self._remember(request_id, {
-            "choices": info, "particles": len(particles), "log_z": log_z,
-            "resampling_events": len(group.resamples),
-            "stats": {"checks": checks, "tokens": tokens,
-                      "checks_per_token": checks / tokens if tokens else 0.0,
-                      "rejections": sum(s.rejections for _, _, _, st in results for s in st),
-                      "dead_particles": dead}})
+        self._counters["failed"].inc(int(failed))
+        if not stream:  # the middleware collects it from the JSON response
+            self._remember(request_id, {
+                "choices": info, "particles": len(particles), "log_z": log_z,
+                "resampling_events": len(group.resamples), "failure": group.failure,
+                # copies made at resampling, and the prompt tokens the engines computed for
+                # them (the rest came from the prefix cache)
+                "copies": sum(len(e["clones"]) for e in group.resamples),
+                "copy_prefill_tokens": sum(prefill_per_resampling(group)),
+                "stats": {"checks": checks, "tokens": tokens,
+                          "checks_per_token": checks / tokens if tokens else 0.0,
+                          "rejections": sum(s.rejections for _, _, _, st in results for s in st),
+                          "dead_particles": dead}})
         return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=prompt_ids,
                              prompt_logprobs=None, outputs=outputs, finished=True)
 
@@ -329,9 +467,29 @@ class TetherEngineClient:
         return vocab_for(self._tokenizer_path).hf.decode(tokens, skip_special_tokens=True)
 
     def _remember(self, request_id: str, info: dict) -> None:
-        self.side_info[request_id] = info
+        self.side_info[request_id] = finite_json(info)
         while len(self.side_info) > SIDE_INFO_LIMIT:
             self.side_info.pop(next(iter(self.side_info)))
+
+    def take_side_info(self, response_id: Any) -> dict | list | None:
+        """The extension field of response ``response_id``: chat requests run under the
+        response's id; /v1/completions runs prompt i as ``{id}-{i}`` (a list for several)."""
+        if not isinstance(response_id, str):
+            return None
+        if response_id in self.side_info:
+            return self.side_info.pop(response_id)
+        found = []
+        for i in range(len(self.side_info)):
+            info = self.side_info.pop(f"{response_id}-{i}", None)
+            if info is None:
+                break
+            found.append(info)
+        return (found[0] if len(found) == 1 else found) if found else None
+
+    async def count_records(self) -> int:
+        count = await count_async(self._engine)
+        self._counters["records"].set(count)
+        return count
 
 
 def _delta(request_id: str, prompt_ids: list[int], text: str, tokens: list[int]) -> Any:
@@ -348,9 +506,14 @@ _CLIENT: TetherEngineClient | None = None  # the server's wrapper, for the middl
 
 async def tether_fields(request: Any, call_next: Any) -> Any:
     """HTTP middleware (vLLM's ``--middleware``): adds the ``tether`` field to the JSON
-    responses of requests that AWRS decoded."""
+    responses of requests that AWRS decoded; refreshes the records gauge before /metrics."""
     from starlette.responses import Response
 
+    if _CLIENT is not None and request.url.path == "/metrics":
+        try:
+            await _CLIENT.count_records()
+        except Exception as e:  # /metrics must answer even when an engine does not
+            log.warning("could not count particle records: %s", e)
     response = await call_next(request)
     if _CLIENT is None or not request.url.path.endswith("completions") or \
             response.headers.get("content-type", "").split(";")[0] != "application/json":
@@ -360,9 +523,10 @@ async def tether_fields(request: Any, call_next: Any) -> Any:
         data = json.loads(body)
     except ValueError:
         data = None
-    if isinstance(data, dict) and data.get("id") in _CLIENT.side_info:
-        data["tether"] = _CLIENT.side_info.pop(data["id"])
-        body = json.dumps(data).encode()
+    info = _CLIENT.take_side_info(data.get("id")) if isinstance(data, dict) else None
+    if info is not None:
+        data["tether"] = info
+        body = json.dumps(finite_json(data), allow_nan=False).encode()
     headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
     return Response(body, status_code=response.status_code, headers=headers,
                     media_type="application/json")
@@ -378,9 +542,13 @@ def build_parser():
         prog="tether serve",
         description="vLLM's OpenAI-compatible server with AWRS (and SMC) structured outputs. "
         "Takes every `vllm serve` argument, plus the tether options below. MODEL defaults "
-        "to the embedded SmolLM2-135M-Instruct.")
+        "to the embedded SmolLM2-135M-Instruct and is also the name clients send as "
+        "\"model\" (unless --served-model-name is given). vLLM logs at WARNING on stderr; "
+        "-v brings its INFO logs back.")
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                         help="registered name, HF directory or hub id (default: smollm2)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="vLLM's INFO logs and uvicorn's access log")
     parser = make_arg_parser(parser)
     group = parser.add_argument_group("tether")
     group.add_argument("--sampler", choices=["default", "awrs"], default="default",
@@ -391,18 +559,30 @@ def build_parser():
     group.add_argument("--ess-threshold", type=float, default=0.5,
                        help="resample when ESS < this share of the particles")
     group.add_argument("--awrs-max-rejections", type=int, default=DEFAULT_MAX_REJECTIONS,
-                       help="finish a step from the full mask after R rejections (0: never)")
+                       help="finish a step from the full mask after R rejections (0: never); "
+                       "only for constraints whose mask is cheap (llguidance)")
+    group.add_argument("--max-particles", type=int, default=DEFAULT_MAX_PARTICLES,
+                       help="the most particles (and n) one request may ask for; more is "
+                       "answered with 400")
+    group.add_argument("--constraint-budget", type=float, default=DEFAULT_BUDGET_S,
+                       metavar="SECONDS",
+                       help="constraint time each particle may spend (through resampling); "
+                       "a request that runs out ends with finish_reason 'budget'")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
     import uvloop
 
     from tether.decode.engine import check_vllm_version, configure_environment, on_gpu
-    from tether.models import resolve
+    from tether.models import DEFAULT_MODEL, resolve
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "-v" in argv or "--verbose" in argv
     check_vllm_version()
-    configure_environment(in_process=False)
+    configure_environment(in_process=False, verbose=verbose)
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
@@ -410,10 +590,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     user_set = set(_explicit_options(argv))
-    args.model = resolve(args.model_tag or (args.model if "--model" in user_set else None))
+    name = args.model_tag or (args.model if "--model" in user_set else None) or DEFAULT_MODEL
+    args.model = resolve(name)
+    if not args.served_model_name:
+        args.served_model_name = [name]  # clients send the name the operator typed
     args.logits_processors = ["tether.decode.processor:AWRSLogitsProcessor"]
     args.worker_extension_cls = "tether.decode.records.TetherWorkerExtension"
     args.middleware = list(args.middleware or []) + ["tether.decode.serve.tether_fields"]
+    if not verbose:
+        if "--uvicorn-log-level" not in user_set:
+            args.uvicorn_log_level = "warning"
+        args.disable_uvicorn_access_log = True
     if not on_gpu():
         if "--gpu-memory-utilization" not in user_set:
             args.gpu_memory_utilization = 0.5
@@ -423,28 +610,45 @@ def main(argv: list[str] | None = None) -> int:
             args.enforce_eager = True
     if args.particles < 1:
         parser.error("--particles must be at least 1")
+    if args.max_particles < max(1, args.particles):
+        parser.error("--max-particles must be at least --particles")
+    if not args.constraint_budget > 0:
+        parser.error("--constraint-budget must be a positive number of seconds")
+    for option in ("api_server_count", "data_parallel_multi_port_external_lb"):
+        if getattr(args, option, None) not in (None, 0, 1, False):
+            parser.error(f"--{option.replace('_', '-')} is not supported by tether serve: "
+                         "its AWRS wrapper lives in one API server process")
     validate_parsed_serve_args(args)
     settings = ServeSettings(args.sampler, args.particles, args.ess_threshold,
-                             args.awrs_max_rejections or None)
+                             args.awrs_max_rejections or None, args.max_particles,
+                             args.constraint_budget)
+    if args.headless:  # engines only, for a head node's API server (multi-node launch)
+        from vllm.entrypoints.cli.serve import run_headless
+
+        args.api_server_count = 0
+        run_headless(args)
+        return 0
     uvloop.run(_serve(args, settings))
     return 0
 
 
-def _explicit_options(argv: list[str] | None) -> list[str]:
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
+def _explicit_options(argv: list[str]) -> list[str]:
     return [a.split("=")[0] for a in argv if a.startswith("--")]
 
 
 async def _serve(args: Any, settings: ServeSettings) -> None:
     global _CLIENT
+    import sys
+
     from vllm.entrypoints.launchers.api_server import entry
     from vllm.entrypoints.launchers.launcher import setup_server
 
     listen_address, sock = setup_server(args, reuse_port=False)
     async with entry.build_async_engine_client(args) as engine:
         _CLIENT = TetherEngineClient(engine, settings)
+        await _CLIENT.warm_up()
+        print(f"tether serve: model {args.served_model_name[0]!r} on {listen_address} "
+              f"(sampler {settings.sampler})", file=sys.stderr, flush=True)
         shutdown = await entry.build_and_serve(_CLIENT, listen_address, sock, args)
     try:
         await shutdown

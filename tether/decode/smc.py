@@ -30,7 +30,26 @@ With every final weight zero, the result says so (no draws; ``finish_reason`` of
 best particle).
 
 The randomness of AWRS is seeded per particle; resampling uses a host generator seeded from
-the request seed, so a run repeats itself.
+the request seed, so a run repeats itself (given the same logits: vLLM's bf16 CPU kernels
+compute a cached prefix and an uncached one slightly differently, enough to flip a near tie).
+
+Records (``decode.records``). After each round of engine outputs the driver collects, in one
+exchange with every engine, the new steps of live particles (only where resampling needs them:
+populations of more than one particle) and the whole records of particles that finished or
+were aborted. A finished particle must have a record for every token it generated: a missing
+one makes the particle, and its request, fail with the reason ``error``; no weight is ever
+assumed.
+
+Failures. A particle whose constraint ran out of its time budget or raised is ended by the
+processor with the reason ``budget`` or ``error``. Its weight is then unknown, so its whole
+population fails: the other particles are aborted, there are no draws and no log Z, and the
+reason and message are reported (``Group.failure``).
+
+Locality. A copy is submitted to the engine that computed its ancestor (under data
+parallelism), where the prefix cache holds the ancestor's prompt and tokens.
+
+Budgets. Each particle's lineage may spend ``budget_s`` seconds in its constraint: a copy gets
+what its ancestor's first t steps left.
 """
 
 from __future__ import annotations
@@ -44,8 +63,8 @@ from typing import Any
 import numpy as np
 
 from tether.decode.engine import on_gpu
-from tether.decode.processor import ParticleConfig
-from tether.decode.records import StepRecord, pop_records, read_steps
+from tether.decode.processor import DEFAULT_BUDGET_S, ParticleConfig
+from tether.decode.records import StepRecord, exchange
 from tether.samplers import resampling
 from tether.samplers.gumbel import mix_seed
 
@@ -78,9 +97,12 @@ class Particle:
     request_id: str | None = None
     key: str | None = None
     offset: int = 0  # tokens carried in the prompt of the current request
-    finish_reason: str | None = None  # stop | length | constraint, once finished
+    # stop | length | constraint (dead) | budget | error, once finished
+    finish_reason: str | None = None
     prefill_tokens: int | None = None  # prompt tokens the engine computed for this request
     parent: int | None = None
+    engine: int | None = None  # data-parallel rank of the engine that ran its last request
+    failure: dict | None = None  # {"reason", "message", "step"} when budget or error
 
     @property
     def finished(self) -> bool:
@@ -89,7 +111,7 @@ class Particle:
     def log_weight(self, start: int = 0, end: int | None = None) -> float:
         """Sum of the step log weights over [start, end)."""
         end = len(self.tokens) if end is None else min(end, len(self.tokens))
-        if self.finish_reason == "constraint" and end >= len(self.tokens):
+        if self.finish_reason in ("constraint", "budget", "error") and end >= len(self.tokens):
             return -math.inf
         total = 0.0
         for s in self.steps[start:end]:
@@ -114,38 +136,42 @@ class Group:
     ess_trace: list[tuple[int, float]] = field(default_factory=list)
     rng: np.random.Generator | None = None
     exhausted: bool = False  # every weight was zero at a resampling time
+    failure: dict | None = None  # a particle's budget ran out or its constraint failed
 
 
 class SMCDriver:
     """The bookkeeping of prompts x particles, independent of how the engine is driven.
 
-    ``backend`` submits and aborts engine requests: ``submit(request_id, prompt, params)`` and
-    ``abort(request_id)``. ``run_sync`` drives vLLM's ``LLMEngine`` step by step; the server
-    drives ``AsyncLLM`` streams (``decode.serve``). Either loop feeds engine outputs to
-    ``on_outputs``, reads the new step records for ``since(changed)``, and hands them to
-    ``after_read``, which finishes particles and resamples.
+    ``backend`` submits and aborts engine requests: ``submit(request_id, prompt, params,
+    engine)`` (``engine``: a data-parallel rank to route to, or None) and ``abort(request_id)``.
+    ``run_sync`` drives vLLM's ``LLMEngine`` step by step; the server drives ``AsyncLLM``
+    streams (``decode.serve``). Either loop feeds engine outputs to ``on_outputs``, exchanges
+    records for ``wanted(changed)`` (steps to read, records to pop), and hands them to
+    ``after_read``, which finishes particles and resamples; at the end it pops ``unpopped()``
+    and calls ``finish_run``.
     """
 
     def __init__(self, backend: Any, prompt_ids: list[list[int]], constraints: list[Any],
                  settings: SMCSettings, *, seed: int, max_tokens: int, sampler: str,
                  estimator: str, max_rejections: int | None, sampling: dict,
-                 run_id: str | None = None):
+                 run_id: str | None = None, budget_s: float | None = DEFAULT_BUDGET_S):
         self.backend = backend
         self.settings = settings
         self.max_tokens = max_tokens
         self.sampler, self.estimator, self.max_rejections = sampler, estimator, max_rejections
+        self.budget_s = budget_s
         self.sampling = sampling
         self.run_id = run_id or uuid.uuid4().hex[:10]
         self.uids = itertools.count()
         self.by_request: dict[str, tuple[Group, Particle]] = {}
-        self.keys: list[str] = []  # record keys of every constrained request, for the final pop
-        self.constrained: set[str] = set()
+        self.constrained: set[str] = set()  # record keys of constrained requests not yet popped
+        self.aborted: list[str] = []  # keys aborted since the last exchange
         self.groups = [Group(i, ids, c, mix_seed(seed, i),
                              rng=np.random.default_rng(mix_seed(seed, i, 7)))
                        for i, (ids, c) in enumerate(zip(prompt_ids, constraints))]
 
     # -- requests -----------------------------------------------------------------------------
-    def _submit(self, group: Group, particle: Particle) -> None:
+    def _submit(self, group: Group, particle: Particle, engine: int | None = None) -> None:
         from vllm import SamplingParams
 
         remaining = self.max_tokens - len(particle.tokens)
@@ -155,13 +181,16 @@ class SMCDriver:
         request_id = f"{self.run_id}-{group.index}-{particle.uid}"
         extra = None
         if group.constraint is not None:
+            left = None
+            if self.budget_s is not None:  # what the lineage's first steps left
+                spent = sum(s.constraint_s for s in particle.steps if s is not None)
+                left = max(0.0, self.budget_s - spent)
             cfg = ParticleConfig(spec=group.constraint.spec.to_wire(), key=request_id,
                                  sampler=self.sampler, estimator=self.estimator,
                                  max_rejections=self.max_rejections,
                                  seed=mix_seed(group.seed, particle.uid),
-                                 prefix=tuple(particle.tokens))
+                                 prefix=tuple(particle.tokens), budget_s=left)
             extra = cfg.to_extra_args()
-            self.keys.append(request_id)
             self.constrained.add(request_id)
         # Constrained rows are forced, so vLLM's own generator does not matter for them; for
         # the others a per-request seed is used on GPUs only: on the CPU, vLLM 0.32 crashes
@@ -179,12 +208,14 @@ class SMCDriver:
         particle.prefill_tokens = None
         self.by_request[request_id] = (group, particle)
         self.backend.submit(request_id, {"prompt_token_ids": group.prompt_ids + particle.tokens},
-                            params)
+                            params, engine)
 
     def _abort(self, particle: Particle) -> None:
         if particle.request_id is not None and not particle.finished:
             self.backend.abort(particle.request_id)
             self.by_request.pop(particle.request_id, None)
+            if particle.request_id in self.constrained:
+                self.aborted.append(particle.request_id)
         particle.request_id = None
 
     # -- the protocol the loops follow ---------------------------------------------------------
@@ -211,17 +242,26 @@ class SMCDriver:
             changed.append((group, particle, out.finished, completion))
         return changed
 
-    def since(self, changed: list[tuple]) -> dict[str, int]:
-        """For each changed constrained request: the first step whose record is still unread."""
-        since = {}
-        for _, p, _, _ in changed:
+    def wanted(self, changed: list[tuple]) -> tuple[dict[str, int], list[str]]:
+        """What to exchange after a round: ``read`` (key -> first unread step) for live
+        particles whose weights resampling needs, ``pop`` for finished and aborted ones."""
+        read, pop = {}, self.aborted
+        self.aborted = []
+        for _, p, finished, _ in changed:
             if p.key not in self.constrained or p.key not in self.by_request:
                 continue
-            i = p.offset
-            while i < len(p.steps) and p.steps[i] is not None:
-                i += 1
-            since[p.key] = i
-        return since
+            if finished:
+                pop.append(p.key)
+            elif self.settings.particles > 1:
+                i = p.offset
+                while i < len(p.steps) and p.steps[i] is not None:
+                    i += 1
+                read[p.key] = i
+        return read, pop
+
+    def unpopped(self) -> list[str]:
+        """Keys whose records are still in the engines (for the final exchange)."""
+        return sorted(self.constrained)
 
     def after_read(self, changed: list[tuple], records: dict) -> None:
         for key, record in records.items():
@@ -229,44 +269,77 @@ class SMCDriver:
                 self._merge(self.by_request[key][1], record)
         for _, particle, finished, completion in changed:
             if finished:
-                self._finish(particle, completion)
+                self._finish(particle, completion, particle.key in records)
+        for key, record in records.items():
+            if key not in self.by_request:  # popped: an aborted or finished particle
+                self.constrained.discard(key)
         for group in self.groups:
+            if group.failure is None:
+                group.failure = next((p.failure for p in group.particles if p.failure), None)
+                if group.failure is not None:
+                    for particle in group.particles:
+                        if not particle.finished:
+                            self._abort(particle)
+                            particle.finish_reason = group.failure["reason"]
+                    continue
             self._maybe_resample(group)
 
+    @property
+    def done(self) -> bool:
+        """Every particle finished, or aborted by a failure."""
+        return not self.by_request
+
     def finish_run(self, records: dict) -> list[Group]:
-        for group in self.groups:
-            for particle in group.particles:  # late steps (final token) are in the records
-                self._merge(particle, records.get(particle.key))
+        """The groups, after the last exchange (records of late and aborted particles)."""
+        self.constrained.difference_update(records)
         return self.groups
 
-    @staticmethod
-    def _merge(particle: Particle | None, record) -> None:
+    def _merge(self, particle: Particle | None, record) -> None:
         if particle is None or record is None:
             return
+        particle.engine = record.engine if record.engine is not None else particle.engine
         while len(particle.steps) < len(particle.tokens):
             particle.steps.append(None)
         for i, step in record.steps.items():
             if particle.offset <= i < len(particle.tokens):
                 particle.steps[i] = step
+        if record.failure is not None and particle.failure is None:
+            particle.failure = record.failure
         if record.dead_step is not None and record.dead_step < len(particle.tokens):
             particle.finish_reason = "constraint"
-        if record.error:
-            raise RuntimeError(f"internal error in particle {particle.uid}: {record.error}")
 
-    def _finish(self, particle: Particle, completion: Any) -> None:
+    def _finish(self, particle: Particle, completion: Any, have_record: bool) -> None:
         self.by_request.pop(particle.request_id, None)
+        if particle.failure is not None:
+            particle.finish_reason = particle.failure["reason"]
+            return
+        if particle.key in self.constrained:
+            missing = [i for i in range(particle.offset, len(particle.tokens))
+                       if i >= len(particle.steps) or particle.steps[i] is None]
+            if not have_record or missing:
+                where = f"step {missing[0]}" if have_record else "any step"
+                particle.failure = {"reason": "error", "step": missing[0] if missing else 0,
+                                    "message": f"no engine reported the record of {where} of "
+                                    f"particle {particle.key}; its weight is unknown"}
+                particle.finish_reason = "error"
+                return
         if particle.finish_reason == "constraint":
             return
         if completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str):
             particle.finish_reason = "stop"
-        else:
+        elif completion.finish_reason == "length":
             particle.finish_reason = "length"
+        else:  # aborted by the engine, or cut by a stop string: not a complete output
+            particle.failure = {"reason": "error", "step": len(particle.tokens),
+                                "message": f"the engine ended the request ("
+                                f"{completion.finish_reason}, {completion.stop_reason!r})"}
+            particle.finish_reason = "error"
 
     # -- resampling ----------------------------------------------------------------------------
     def _maybe_resample(self, group: Group) -> None:
         settings = self.settings
         live = [p for p in group.particles if not p.finished]
-        if group.exhausted or not live:
+        if group.exhausted or group.failure is not None or not live:
             return
         t = min(len(p.tokens) for p in live)
         if t <= group.checked or any(
@@ -303,13 +376,13 @@ class SMCDriver:
         group.resamples.append(event)
 
     def _clone(self, group: Group, parent: Particle, t: int) -> Particle:
-        child = Particle(next(self.uids), parent=parent.uid)
+        child = Particle(next(self.uids), parent=parent.uid, engine=parent.engine)
         if parent.finished and len(parent.tokens) <= t:
             child.tokens, child.steps = list(parent.tokens), list(parent.steps)
             child.finish_reason = parent.finish_reason
             return child
         child.tokens, child.steps = list(parent.tokens[:t]), list(parent.steps[:t])
-        self._submit(group, child)
+        self._submit(group, child, engine=parent.engine)  # where its prefix is cached
         return child
 
 
@@ -321,12 +394,12 @@ def prefill_per_resampling(group: Group) -> list[int]:
 
 
 class EngineBackend:
-    """Submits to and aborts on vLLM's synchronous ``LLMEngine``."""
+    """Submits to and aborts on vLLM's synchronous ``LLMEngine`` (one engine)."""
 
     def __init__(self, engine: Any):
         self.engine = engine
 
-    def submit(self, request_id: str, prompt: dict, params: Any) -> None:
+    def submit(self, request_id: str, prompt: dict, params: Any, engine: int | None) -> None:
         self.engine.add_request(request_id, prompt, params)
 
     def abort(self, request_id: str) -> None:
@@ -336,8 +409,12 @@ class EngineBackend:
 def run_sync(driver: SMCDriver, engine: Any) -> list[Group]:
     """Drive ``engine`` (an ``LLMEngine``) step by step until every particle has finished."""
     driver.start()
-    while engine.has_unfinished_requests():
-        changed = driver.on_outputs(engine.step())
-        since = driver.since(changed)
-        driver.after_read(changed, read_steps(engine, since) if since else {})
-    return driver.finish_run(pop_records(engine, driver.keys) if driver.keys else {})
+    try:
+        while engine.has_unfinished_requests():
+            changed = driver.on_outputs(engine.step())
+            driver.after_read(changed, exchange(engine, *driver.wanted(changed)))
+    finally:
+        for _, particle in list(driver.by_request.values()):  # an exception: stop them all
+            driver._abort(particle)
+        records = exchange(engine, {}, driver.unpopped())
+    return driver.finish_run(records)
