@@ -182,10 +182,10 @@ def main() -> None:
         time.sleep(5)  # let aborted particles drain
         rss["end_mib"] = server_rss(proc.pid)
         with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
-            metrics = {line.split()[0]: float(line.split()[-1])
+            metrics = {line.split("{")[0].split()[0]: float(line.split()[-1])
                        for line in r.read().decode().splitlines()
                        if line.startswith(("tether_particle_records", "tether_failed_requests_total",
-                                           "vllm:num_requests_running "))}
+                                           "vllm:num_requests_running"))}
     finally:
         proc.terminate()
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ from tether.attention.budgets import (Budgets, BudgetError, cheapest_assignment,
 from tether.attention.select import dense_to_paged, keep_counts, pooled_scores, select
 from tether.kernels import tca
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+from conftest import shared  # missing data fails the test, never skips it
+
 
 
 def test_paged_references_equal_dense_attention():
@@ -210,16 +210,15 @@ def test_keep_mask_equals_dropping_tokens_from_the_cache(smollm2_hf):
     assert (masked - full).abs().max() > 1e-2  # the mask did change something
 
 
-@pytest.mark.skipif(not WIKITEXT.exists(), reason="needs ../shared/data/wikitext-2")
 def test_calibration_keeps_tau_of_the_mass(smollm2_hf, tmp_path):
     from tether.attention.calibrate import ScoreRecorder, calibrate
 
     budgets = calibrate("smollm2", tau=0.8, block=32, tokens=256, sinks=4, window=16,
-                        observe=8, text=WIKITEXT.read_text()[:20000])
+                        observe=8, text=shared('wikitext-2', 'valid.txt').read_text()[:20000])
     model, tok = smollm2_hf
     assert len(budgets.profiles) == model.config.num_hidden_layers
     assert all(len(p) == model.config.num_key_value_heads for p in budgets.profiles)
-    ids = tok(WIKITEXT.read_text()[:20000], return_tensors="pt").input_ids[:, :256]
+    ids = tok(shared('wikitext-2', 'valid.txt').read_text()[:20000], return_tensors="pt").input_ids[:, :256]
     recorder = ScoreRecorder(observe=8)
     with recorder, torch.no_grad():
         model(ids)
@@ -276,13 +275,12 @@ def test_select_on_a_real_layer_is_consistent(smollm2_hf):
         assert mask[0, h, :2].all() and mask[0, h, 120:128].all()
 
 
-@pytest.mark.skipif(not WIKITEXT.exists(), reason="needs ../shared/data/wikitext-2")
 def test_calibrate_cli(tmp_path):
     import subprocess
     import sys
 
     text = tmp_path / "text.txt"
-    text.write_text(WIKITEXT.read_text()[:20000])
+    text.write_text(shared('wikitext-2', 'valid.txt').read_text()[:20000])
     out = tmp_path / "budgets.json"
     cmd = [sys.executable, "-m", "tether.cli", "calibrate", "smollm2", "--out", str(out),
            "--text", str(text), "--tokens", "256", "--block", "32"]

@@ -34,6 +34,7 @@ def test_workers_without_the_record_are_ignored():
     assert merged["p"].steps[0].log_weight == -1.0 and merged["q"].steps[0].token == 7
 
 
+@pytest.mark.slow  # about 80 s: its own two-process engine
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores, one per rank")
 def test_two_ranks_on_the_cpu(monkeypatch):
     from tether.decode.llm import LLM

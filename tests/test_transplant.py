@@ -154,6 +154,7 @@ def test_duplicate_spellings_are_shared_once_and_byte_pieces_are_not_anchors():
     assert len(set(shared.values())) == len(shared)
 
 
+@pytest.mark.slow  # about 70 s: a real transplant, then the result served by vLLM
 def test_real_pair_subset_loads_and_generates(tmp_path):
     """SmolLM2-135M-Instruct with Gemma 3's tokenizer (first 512 new tokens fitted)."""
     from safetensors import safe_open

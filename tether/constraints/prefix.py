@@ -5,10 +5,13 @@ quantifiers, recursion, conditionals) cannot be compiled into an automaton. Pyth
 module decides instead, by partial matching, whether a string is a prefix of some full match:
 ``pattern.fullmatch(text, partial=True)``. A state is just the bytes generated so far.
 
-Partial matching is exact for backreferences, atomic groups, possessive quantifiers, recursion
-and conditionals. For some negative lookarounds it over-approximates: ``regex`` cannot always
-tell that a lookaround has already failed (``^(?!.*(.).*\1)[a-z]+$`` on "abca"), so such a
-prefix is allowed; EOS still requires a full match, so no invalid output is ever complete.
+Partial matching is exact for backreferences, atomic groups, possessive quantifiers, recursion,
+conditionals and branch resets (``tests/test_consistency.py`` checks it against an oracle that
+enumerates whole languages). With lookarounds it over-approximates: when the text ends inside
+a lookaround, ``regex`` cannot always tell that it has already failed
+(``^(?!.*(.).*\1)[a-z]+$`` on "abca"; ``^(?=[ab]*c)[abc]{2,4}$`` on "aaba"), so such a prefix
+is allowed; it never refuses a viable prefix, and EOS still requires a full match, so no
+invalid output is ever complete.
 
 Partial matching can backtrack for an exponential time on nested quantifiers
 (``^((a|aa)+)+b$``). Each match gets the time left in the decoding step's budget

@@ -173,6 +173,7 @@ class SMCDriver:
     # -- requests -----------------------------------------------------------------------------
     def _submit(self, group: Group, particle: Particle, engine: int | None = None) -> None:
         from vllm import SamplingParams
+        from vllm.inputs import tokens_input  # an engine input: token ids, already rendered
 
         remaining = self.max_tokens - len(particle.tokens)
         if remaining <= 0:
@@ -207,7 +208,7 @@ class SMCDriver:
             len(particle.tokens)
         particle.prefill_tokens = None
         self.by_request[request_id] = (group, particle)
-        self.backend.submit(request_id, {"prompt_token_ids": group.prompt_ids + particle.tokens},
+        self.backend.submit(request_id, tokens_input(group.prompt_ids + particle.tokens),
                             params, engine)
 
     def _abort(self, particle: Particle) -> None:
