@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="omp, or a baseline: mean row, zeros, mean of the base subwords")
     p_tx.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p_tx.add_argument("--batch-size", type=int, default=None,
-                      help="new tokens per batch (memory: batch x k x anchors; default 32 on "
-                      "the CPU, 512 on a GPU)")
+                      help="new tokens per OMP batch (memory: about 2 x batch x anchors bytes; "
+                      "default 2048)")
     p_tx.add_argument("--limit-new", type=int, default=None, metavar="N",
                       help="approximate only the first N new tokens (timing, smoke tests)")
     p_tx.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from tether.alignment.omp import batch_omp, gram
+from tether.alignment.omp import batch_omp, prepare
 
 METHODS = ("omp", "mean", "zero", "subword")
 # Turn markers of common chat formats, by role.
@@ -190,7 +190,7 @@ def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
                 timings: dict | None = None) -> tuple[torch.Tensor, float | None]:
     """Rows of the base space for the ``new`` donor tokens, and the mean relative
     reconstruction error in the donor space (OMP only). ``timings`` receives the seconds of
-    the OMP set-up (anchor Gram matrix) and of the batches. ``anchors`` maps the donor ids
+    the OMP set-up (normalized anchors) and of the batches. ``anchors`` maps the donor ids
     OMP builds from to their base ids (``anchor_pairs``)."""
     from tqdm.auto import tqdm
 
@@ -219,9 +219,7 @@ def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
     norms = atoms.norm(dim=1).clamp_min(1e-12)
     atoms = atoms / norms[:, None]
     atoms_base = base_rows[base_ids].to(device, torch.float32)
-    # The Gram matrix steers the choice of atoms only; bfloat16 halves its memory on the CPU.
-    gram_dtype = torch.float32 if device.type == "cuda" else torch.bfloat16
-    G = gram(atoms, gram_dtype)
+    prepared = prepare(atoms)  # laid out for selection (omp docstring)
     setup = time.perf_counter() - t0
     timings["omp_setup"] = round(timings.get("omp_setup", 0) + setup, 2)
     out = torch.empty(len(new), d_base)
@@ -230,7 +228,7 @@ def approximate(method: str, base_rows: torch.Tensor, donor_rows: torch.Tensor,
     for start in tqdm(steps, desc="OMP", unit="batch", disable=not progress):
         ids = torch.tensor(new[start:start + batch_size])
         x = donor_rows[ids].to(device, torch.float32)
-        idx, coef = batch_omp(x, atoms, k, G)
+        idx, coef = batch_omp(x, atoms, k, prepared=prepared)
         recon = torch.einsum("bk,bkd->bd", coef, atoms[idx])
         errors.append(((recon - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12)).cpu())
         # coefficients were fitted on unit-norm anchors: rescale for the raw anchor rows'
@@ -247,9 +245,9 @@ def transplant(base: str, donor: str, out: str | Path, *, k: int = 64, method: s
                limit_new: int | None = None, progress: bool = True) -> TransplantReport:
     """Write to ``out`` the base model with the donor's tokenizer (see the module docstring).
 
-    ``batch_size``: new tokens per OMP batch; memory grows as batch x k x anchors (default 32
-    on the CPU, 512 on a GPU). ``limit_new``: only approximate the first N new tokens (the others get the
-    mean base row), for tests and timing on a subset.
+    ``batch_size``: new tokens per OMP batch (default 2048); memory grows as batch x anchors.
+    ``limit_new``: only approximate the first N new tokens (the others get the mean base row),
+    for tests and timing on a subset.
     """
     from tether.constraints import vocab_for
     from tether.models import resolve
@@ -266,7 +264,7 @@ def transplant(base: str, donor: str, out: str | Path, *, k: int = 64, method: s
     donor_config = json.loads((donor_dir / "config.json").read_text())
     dev = _device(device)
     if batch_size is None:
-        batch_size = 512 if dev.type == "cuda" else 32
+        batch_size = 2048
     report = TransplantReport(str(base), str(donor), method, k, donor_config["vocab_size"],
                               device=str(dev))
 
