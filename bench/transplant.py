@@ -2,14 +2,20 @@
 tether's OMP against mergekit-tokensurgeon's OMP (same k), and mean / zero initialisation.
 
 Stages, in one run (each model directory is cached under
-``$TETHER_CACHE_DIR/bench/transplant/<method>`` and reused when complete; ``--force`` redoes):
+``$TETHER_CACHE_DIR/bench/transplant/<method>`` and reused only while its content key holds:
+a hash of the method, k, the two models, the source of the code that builds it (tether's
+alignment and vocabulary modules) and the versions it runs on, mergekit's for mergekit; any
+change rebuilds it; ``--force`` redoes regardless):
 
 1. speed on the same subset of new tokens: mergekit-tokensurgeon (in its own environment,
    bench/.envs/mergekit, batches of 512) runs until it has finished ``--subset-batches``
    batches past its first; its steady-state seconds per token is the time between the first
-   and the last of those batches over their tokens. tether approximates the same number of new
-   tokens (``limit_new``); its seconds per token is its batch time (the anchors' Gram matrix,
-   a one-off set-up, reported apart). Both on this CPU, one after the other.
+   and the last of those batches over their tokens. tether's solver approximates the same
+   number of new tokens (the first ones, in its default batches of 2,048); its seconds per
+   token is its batch time (laying out the anchors, a one-off set-up, reported apart). Both on this CPU, one
+   after the other. On the same tokens, tether's solver is also run with float32 selection
+   (the exact greedy choice): the overlap of the atoms chosen and both reconstruction errors
+   are reported.
 2. full transplants: tether OMP, mean, zero (and mergekit OMP with ``--full-mergekit``, about
    1.5 hours here); wall time and peak memory (``/usr/bin/time``).
 3. bits per byte of every model present (and of the original SmolLM2) on the first
@@ -27,6 +33,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -36,12 +43,38 @@ ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 RESULTS = ROOT / "bench" / "results"
 MERGEKIT = ROOT / "bench" / ".envs" / "mergekit" / "bin"
-BATCH = 512
+BATCH = 512  # mergekit's batches
+TETHER_BATCH = 2048  # tether's default (transplant's batch_size)
 
 
 def cache_dir() -> Path:
     base = Path(os.environ.get("TETHER_CACHE_DIR", Path.home() / ".cache" / "tether"))
     return base / "bench" / "transplant"
+
+
+def content_key(method: str, base: str, donor: str, k: int) -> str:
+    """What a cached model directory depends on (module docstring), hashed."""
+    import hashlib
+
+    from common import versions
+
+    h = hashlib.sha256(json.dumps([method, k]).encode())
+    for model in (base, donor):
+        for name in ("config.json", "tether-model.json"):
+            path = Path(model) / name
+            h.update(path.read_bytes() if path.exists() else name.encode())
+    if method == "mergekit-omp":
+        out = subprocess.run([str(MERGEKIT / "python"), "-c", "import importlib.metadata as m;"
+                              "print(m.version('mergekit'), m.version('torch'))"],
+                             capture_output=True, text=True, check=True)
+        h.update(out.stdout.encode())
+    else:
+        for source in sorted((ROOT / "tether" / "alignment").glob("*.py")) + [
+                ROOT / "tether" / "constraints" / "vocab.py"]:
+            h.update(source.read_bytes())
+        h.update(json.dumps(versions("torch", "transformers", "tokenizers",
+                                     "llguidance")).encode())
+    return h.hexdigest()[:16]
 
 
 def timed_run(cmd: list[str], log: Path) -> dict:
@@ -86,22 +119,71 @@ def mergekit_rate(base: str, donor: str, k: int, batches: int, work: Path) -> di
             "s_per_token": seconds / (batches * BATCH), "total_batches": total}
 
 
-def tether_rate(base: str, donor: str, k: int, tokens: int, work: Path) -> dict:
-    from tether.alignment.transplant import transplant
+def subset_problem(base: str, donor: str, tokens: int):
+    """(donor rows of the first ``tokens`` new tokens, unit-norm anchors): exactly what
+    ``transplant`` hands to the solver for the input embeddings."""
+    import torch
 
-    report = transplant(base, donor, work / "tether-subset", k=k, method="omp", device="cpu",
-                        limit_new=tokens, progress=False)
-    sec = report.seconds
-    return {"tokens": tokens, "seconds": sec["omp_batches"], "setup_s": sec["omp_setup"],
-            "s_per_token": sec["omp_batches"] / tokens,
-            "mean_relative_error": report.mean_relative_error}
+    from tether.alignment.transplant import (EMBED_NAMES, _load_tensor, anchor_pairs,
+                                             match_vocabularies)
+    from tether.constraints import vocab_for
+
+    base_vocab, donor_vocab = vocab_for(base), vocab_for(donor)
+    shared, _, new = match_vocabularies(base_vocab, donor_vocab)
+    anchors = anchor_pairs(shared, base_vocab, donor_vocab)
+    rows = _load_tensor(Path(donor), EMBED_NAMES)[1].to(torch.float32)
+    atoms = rows[torch.tensor(list(anchors))]
+    atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return rows[torch.tensor(new[:tokens])], atoms
+
+
+def tether_rate(base: str, donor: str, k: int, tokens: int) -> dict:
+    """Seconds per new token of tether's OMP (bfloat16 selection, as ``transplant`` runs it,
+    in its batches) on the first ``tokens`` new tokens; and, on the same tokens, the atoms
+    chosen by float32 selection (the exact greedy choice): overlap and reconstruction errors."""
+    import torch
+
+    from tether.alignment.omp import batch_omp, prepare
+
+    targets, atoms = subset_problem(base, donor, tokens)
+    batch_omp(targets[:16], atoms, 2)  # compile the CPU kernel (cached on disk by numba)
+    t0 = time.perf_counter()
+    prepared = {select: prepare(atoms, select) for select in (torch.bfloat16, torch.float32)}
+    setup = time.perf_counter() - t0
+
+    def solve(select):
+        chosen, errors = [], []
+        t0 = time.perf_counter()
+        for start in range(0, len(targets), TETHER_BATCH):
+            x = targets[start:start + TETHER_BATCH]
+            idx, coef = batch_omp(x, atoms, k, select_dtype=select, prepared=prepared[select])
+            recon = torch.einsum("bk,bkd->bd", coef, atoms[idx])
+            errors.append((recon - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-12))
+            chosen.append(idx)
+        return time.perf_counter() - t0, torch.cat(chosen), torch.cat(errors)
+
+    seconds, fast, err_fast = solve(torch.bfloat16)
+    exact_seconds, exact, err_exact = solve(torch.float32)
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(fast, exact))
+    return {"tokens": tokens, "seconds": seconds, "setup_s": setup,
+            "s_per_token": seconds / tokens, "mean_relative_error": float(err_fast.mean()),
+            "exact_selection": {"seconds": exact_seconds,
+                                "mean_relative_error": float(err_exact.mean())},
+            "atom_overlap": overlap / exact.numel()}
 
 
 def full_run(method: str, base: str, donor: str, k: int, out: Path, force: bool) -> dict:
-    """A full transplant by one method (cached), with its wall time and peak memory."""
+    """A full transplant by one method (cached under its content key), with its wall time and
+    peak memory."""
     record = out.with_name(out.name + ".run.json")
+    key = content_key(method, base, donor, k)
     if out.exists() and record.exists() and not force:
-        return json.loads(record.read_text())
+        cached = json.loads(record.read_text())
+        if cached.get("content_key") == key:
+            return cached
+        print(f"{method}: cached output is stale (content key changed): rebuilding", flush=True)
+    if out.exists():
+        shutil.rmtree(out)
     log = out.with_name(out.name + ".log")
     if method == "mergekit-omp":
         cmd = [str(MERGEKIT / "mergekit-tokensurgeon"), base, donor, str(out), "-k", str(k),
@@ -110,6 +192,7 @@ def full_run(method: str, base: str, donor: str, k: int, out: Path, force: bool)
         cmd = [str(ROOT / ".venv" / "bin" / "tether"), "transplant", base, donor, str(out),
                "-k", str(k), "--method", method.removeprefix("tether-"), "--quiet"]
     result = timed_run(cmd, log)
+    result["content_key"] = key
     report = out / "transplant_report.json"
     if report.exists():
         result["report"] = json.loads(report.read_text())
@@ -177,6 +260,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.setup_mergekit:
         subprocess.run([sys.executable, "-m", "venv", str(MERGEKIT.parent)], check=True)
+        # the CPU torch first (a bare requirement would fetch a CUDA build of several GB)
+        subprocess.run([str(MERGEKIT / "python"), "-m", "pip", "install", "torch==2.13.0"],
+                       check=True)
         subprocess.run([str(MERGEKIT / "python"), "-m", "pip", "install", "mergekit==0.1.5"],
                        check=True)
     if not (MERGEKIT / "mergekit-tokensurgeon").exists():
@@ -195,7 +281,7 @@ def main() -> None:
     if not args.skip_speed:
         mk = mergekit_rate(base, donor, args.k, args.subset_batches, work)
         print("mergekit", json.dumps(mk), flush=True)
-        tt = tether_rate(base, donor, args.k, mk["tokens"], work)
+        tt = tether_rate(base, donor, args.k, mk["tokens"])
         print("tether", json.dumps(tt), flush=True)
         results["speed"] = {"mergekit": mk, "tether": tt,
                             "speedup": mk["s_per_token"] / tt["s_per_token"]}
@@ -222,8 +308,11 @@ def main() -> None:
 
     if "speed" in results:
         s = results["speed"]
-        print(f"speed: tether {s['tether']['s_per_token'] * 1e3:.1f} ms/token, mergekit "
-              f"{s['mergekit']['s_per_token'] * 1e3:.1f} ms/token: {s['speedup']:.2f}x")
+        print(f"speed: tether {s['tether']['s_per_token'] * 1e3:.2f} ms/token, mergekit "
+              f"{s['mergekit']['s_per_token'] * 1e3:.1f} ms/token: {s['speedup']:.2f}x; atoms "
+              f"shared with float32 selection {s['tether']['atom_overlap']:.1%}; relative error "
+              f"{s['tether']['mean_relative_error']:.4f} (float32 selection "
+              f"{s['tether']['exact_selection']['mean_relative_error']:.4f})")
     print("| model | wall | peak memory | bits per byte |")
     print("|---|---|---|---|")
     for name, r in bpb.items():

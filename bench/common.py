@@ -1,0 +1,60 @@
+"""What several bench scripts share: a loopback port, starting a server, the versions of the
+systems a bench ran (every bench prints them with its results)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Installed versions of ``packages`` in this interpreter ("-" where one is missing)."""
+    out = {}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def start_server(cmd: list[str], port: int, log: Path, timeout: float = 900,
+                 env: dict | None = None) -> subprocess.Popen:
+    """Start ``cmd`` and wait until it answers /health on ``port``."""
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=dict(os.environ, **(env or {})))
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited; see {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the server did not start; see {log}") from None
+            time.sleep(1)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+TETHER = str(Path(sys.executable).parent / "tether")
