@@ -4,8 +4,8 @@ tether's OMP against mergekit-tokensurgeon's OMP (same k), and mean / zero initi
 Stages, in one run (each model directory is cached under
 ``$TETHER_CACHE_DIR/bench/transplant/<method>`` and reused only while its content key holds:
 a hash of the method, k, the two models, the source of the code that builds it (tether's
-alignment and vocabulary modules) and the versions it runs on, mergekit's for mergekit; any
-change rebuilds it; ``--force`` redoes regardless):
+transplant, OMP, vocabulary and model modules) and the versions it runs on, mergekit's for
+mergekit; any change rebuilds it; ``--force`` redoes regardless):
 
 1. speed on the same subset of new tokens: mergekit-tokensurgeon (in its own environment,
    bench/.envs/mergekit, batches of 512) runs until it has finished ``--subset-batches``
@@ -69,9 +69,9 @@ def content_key(method: str, base: str, donor: str, k: int) -> str:
                              capture_output=True, text=True, check=True)
         h.update(out.stdout.encode())
     else:
-        for source in sorted((ROOT / "tether" / "alignment").glob("*.py")) + [
-                ROOT / "tether" / "constraints" / "vocab.py"]:
-            h.update(source.read_bytes())
+        for source in ("alignment/transplant.py", "alignment/omp.py", "constraints/vocab.py",
+                       "models.py"):
+            h.update((ROOT / "tether" / source).read_bytes())
         h.update(json.dumps(versions("torch", "transformers", "tokenizers",
                                      "llguidance")).encode())
     return h.hexdigest()[:16]
@@ -274,9 +274,17 @@ def main() -> None:
     work = cache_dir()
     work.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out)
-    results = json.loads(out_path.read_text()) if out_path.exists() else {}
-    results["config"] = {"base": args.base, "donor": args.donor, "k": args.k,
-                         "eval_bytes": args.eval_bytes, "batch": BATCH}
+    from common import versions
+
+    mergekit_version = subprocess.run(
+        [str(MERGEKIT / "python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    results = {"config": {"base": args.base, "donor": args.donor, "k": args.k,
+                          "eval_bytes": args.eval_bytes, "mergekit_batch": BATCH,
+                          "tether_batch": TETHER_BATCH},
+               "versions": dict(versions("torch", "transformers", "numba"),
+                                mergekit=mergekit_version)}
+    print("versions:", json.dumps(results["versions"]), flush=True)
 
     if not args.skip_speed:
         mk = mergekit_rate(base, donor, args.k, args.subset_batches, work)
@@ -287,6 +295,8 @@ def main() -> None:
                             "speedup": mk["s_per_token"] / tt["s_per_token"]}
 
     methods = ["tether-omp", "mean", "zero"] + (["mergekit-omp"] if args.full_mergekit else [])
+    if (work / "mergekit-omp.run.json").exists() and "mergekit-omp" not in methods:
+        methods.append("mergekit-omp")  # a cached full run counts, if its key still holds
     runs = results.setdefault("full", {})
     for method in methods:
         runs[method] = full_run(method, base, donor, args.k, work / method, args.force)
@@ -297,10 +307,9 @@ def main() -> None:
     bpb = results.setdefault("bits_per_byte", {})
     bpb["original SmolLM2"] = bits_per_byte(base, text)
     for method in ("tether-omp", "mergekit-omp", "mean", "zero"):
-        if (work / method / "config.json").exists() and (
-                method != "mergekit-omp" or (work / f"{method}.run.json").exists()):
+        if method in runs and (work / method / "config.json").exists():
             bpb[method] = bits_per_byte(str(work / method), text)
-    if "tether-omp" in bpb and "mergekit-omp" in bpb:
+    if "tether-omp" in bpb and "mergekit-omp" in bpb:  # both models present
         results["rows_tether_vs_mergekit"] = rows_agreement(work)
     # results name models, not this machine's paths
     text_out = json.dumps(results, indent=1).replace(base, args.base).replace(donor, args.donor)

@@ -16,11 +16,12 @@ here, so it is more arithmetic, done at a far higher rate.
 Selection. Only the argmax of |C| matters, so the products run in bfloat16 (float32 sums).
 They run over blocks of atoms, and each block of C is reduced while it is still in cache: its
 sign bits are cleared (|c| of a bfloat16 is its bit pattern with the sign bit off, which
-orders like the number) and the maxima of its chunks of ``CHUNK`` atoms are kept. The atoms of
-the two best chunks of each target are its shortlist; the ``shortlist`` best of them by
-bfloat16 correlation are rescored in float32 against the residual, and the best not yet
-chosen is taken. So bfloat16 rounding can only change a choice between atoms whose
-correlations differ by less than its precision. ``select_dtype=torch.float32`` computes C in
+orders like the number) and the maxima of its chunks of ``CHUNK`` atoms are kept. The
+``shortlist`` best atoms by bfloat16 correlation within each target's ``shortlist / 2`` best
+chunks are rescored in float32 against the residual, and the best not yet chosen is taken
+(shortlist 8: 99.96% of the atoms the float32 argmax chooses on the bench's transplant;
+shortlist 4: 95%, about 1.25x faster). So bfloat16 rounding can only change a choice between
+atoms whose correlations differ by less than its precision. ``select_dtype=torch.float32`` computes C in
 float32 and takes the exact argmax (the reference the bench compares with).
 
 The residual update is exact, in float32: the new atom is orthonormalized against the chosen
@@ -44,7 +45,7 @@ BLOCK = 4608  # atoms per product (36 chunks): one block of correlations stays i
 
 
 def batch_omp(targets: torch.Tensor, dictionary: torch.Tensor, k: int, *,
-              select_dtype: torch.dtype = torch.bfloat16, shortlist: int = 4,
+              select_dtype: torch.dtype = torch.bfloat16, shortlist: int = 8,
               prepared: "Prepared | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse codes of ``targets`` [B, d] over unit-norm ``dictionary`` rows [M, d].
 
@@ -114,8 +115,8 @@ class Prepared:
         return self._work[B]
 
     def shortlist(self, R: torch.Tensor, work: tuple, size: int) -> torch.Tensor:
-        """The ``size`` atoms of largest bfloat16 |correlation| within each target's two best
-        chunks of atoms ([B, size] atom ids)."""
+        """The ``size`` atoms of largest bfloat16 |correlation| within each target's
+        ``size / 2`` best chunks of atoms ([B, size] atom ids)."""
         corr, maxima = work
         B, per_block = R.shape[0], self.block // CHUNK
         low = R.to(self.blocks[0].dtype)
@@ -125,7 +126,7 @@ class Prepared:
             bits[i].bitwise_and_(0x7FFF)
             torch.amax(bits[i].view(B, per_block, CHUNK), dim=2,
                        out=maxima[:, i * per_block:(i + 1) * per_block])
-        chunks = maxima.topk(min(2, maxima.shape[1]), dim=1).indices  # [B, 2]
+        chunks = maxima.topk(min(max(2, size // 2), maxima.shape[1]), dim=1).indices
         rows = torch.arange(B, device=R.device)[:, None]
         values = bits.view(len(self.blocks), B, per_block, CHUNK)[
             chunks // per_block, rows, chunks % per_block]  # [B, 2, CHUNK]
