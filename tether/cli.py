@@ -90,6 +90,70 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_instructions(path: str) -> list[tuple[dict, str]]:
+    """(record, instruction) per JSON line: a string, or an object with "instruction",
+    "prompt", or chat turns under "messages"/"context" (the last user turn)."""
+    from tether.alignment.prealign import user_text
+
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+        if isinstance(record, str):
+            record = {"instruction": record}
+        text = None
+        if isinstance(record, dict):
+            text = record.get("instruction", record.get("prompt"))
+            turns = record.get("messages", record.get("context"))
+            if text is None and isinstance(turns, list):
+                text = user_text(turns)
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{n}: no instruction (a string, or an object with "
+                             "\"instruction\", \"prompt\" or user turns in \"messages\")")
+        rows.append((record, text))
+    return rows
+
+
+def _cmd_align(args: argparse.Namespace) -> int:
+    from tether.alignment.prealign import PreAligner
+    from tether.decode.prealign import align_sync, is_url
+    from tether.models import resolve
+
+    if (args.instruction is None) == (args.input is None):
+        raise ValueError("give one instruction, or --input FILE (JSON lines)")
+    rows = _read_instructions(args.input) if args.input else [({}, args.instruction)]
+    rewriter = args.rewriter
+    if rewriter != "self" and not is_url(rewriter):
+        rewriter = resolve(rewriter)  # an unknown name fails here, before any engine starts
+    aligner = PreAligner(rewriter, guards=not args.no_guards, min_similarity=args.min_similarity,
+                         max_chars=args.max_chars, cache_path=args.cache)
+    llm = None
+    if rewriter == "self":
+        from tether.decode.llm import LLM
+
+        llm = LLM(resolve(args.model), verbose=args.verbose)
+    rewrites = align_sync(aligner, [text for _, text in rows], llm)
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for (record, _), rewrite in zip(rows, rewrites):
+            line = {k: v for k, v in record.items() if k in ("id", "key", "line_index")}
+            line.update(rewrite.to_dict())
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if args.output:
+        used = sum(r.used for r in rewrites)
+        print(f"{len(rewrites)} instructions, {used} rewrites used, "
+              f"{len(rewrites) - used} fell back to the raw instruction: {args.output}",
+              file=sys.stderr)
+    return 0
+
+
 def _cmd_serve(argv: list[str]) -> int:
     from tether.decode.serve import main as serve_main
 
@@ -174,6 +238,35 @@ def build_parser() -> argparse.ArgumentParser:
                        "with finish_reason 'budget'")
     p_gen.add_argument("-v", "--verbose", action="store_true", help="vLLM's INFO logs")
     p_gen.set_defaults(func=_cmd_generate)
+
+    p_al = sub.add_parser(
+        "align", help="rewrite instructions before answering them (P-Aligner)",
+        description="Pre-align instructions: a rewriter model turns each raw instruction into "
+        "a better-formed one (the P-Aligner template, decoded greedily under a constraint that "
+        "always ends it with the end marker). Guards keep the intent: every code block, URL, "
+        "number and quoted string must survive, and the sentence-embedding similarity of raw "
+        "and rewrite must reach --min-similarity; otherwise the raw instruction is kept and the "
+        "reason is reported. One JSON object per instruction: raw, rewrite, used, reason, "
+        "similarity, seconds, cached.")
+    p_al.add_argument("instruction", nargs="?", help="the instruction to rewrite")
+    p_al.add_argument("--input", metavar="FILE",
+                      help="JSON lines: strings, or objects with instruction / prompt / messages")
+    p_al.add_argument("--output", metavar="FILE", help="write JSON lines here (default: stdout)")
+    p_al.add_argument("--model", default=None,
+                      help="the model that answers, and the rewriter for --rewriter self "
+                      "(default: smollm2)")
+    p_al.add_argument("--rewriter", default="self",
+                      help="self, a model (registered name, directory, hub id), or the URL of "
+                      "an OpenAI-compatible vLLM or tether server")
+    p_al.add_argument("--no-guards", action="store_true",
+                      help="use every rewrite that parses (no span or similarity checks)")
+    p_al.add_argument("--min-similarity", type=float, default=0.6,
+                      help="the similarity guard's threshold (cosine of sentence embeddings)")
+    p_al.add_argument("--max-chars", type=int, default=2000, help="the longest rewrite")
+    p_al.add_argument("--cache", metavar="FILE",
+                      help="a JSON-lines file that keeps rewrites across runs")
+    p_al.add_argument("-v", "--verbose", action="store_true", help="vLLM's INFO logs")
+    p_al.set_defaults(func=_cmd_align)
 
     p_tx = sub.add_parser(
         "transplant", help="give a model another tokenizer, without training (OMP)",

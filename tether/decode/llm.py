@@ -61,6 +61,7 @@ class Result:
     ess: list[tuple[int, float]] | None = None
     resampling: list[dict] | None = None
     ancestry: list[dict] | None = None  # per particle: its uid and its parent's (copies)
+    pre_align: Any = None  # the instruction's pre-alignment (alignment.prealign.Rewrite)
 
     @property
     def valid(self) -> bool:
@@ -82,6 +83,8 @@ class Result:
                                  "normalized_weight": p.normalized_weight}
                                 for p in self.particles]
             out["draws"] = [d.text for d in self.draws or []]
+        if self.pre_align is not None:
+            out["pre_align"] = self.pre_align.to_dict()
         return finite_json(out)
 
 
@@ -122,9 +125,11 @@ class LLM:
     def prompt_ids(self, prompt: str | list[dict], chat: bool | None = None) -> list[int]:
         """Token ids of a prompt; chat models get their chat template unless ``chat=False``.
 
-        ``prompt`` may be a string (a user message when the chat template applies) or a list
-        of chat messages.
+        ``prompt`` may be a string (a user message when the chat template applies), a list
+        of chat messages, or a list of token ids (used as they are).
         """
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if chat is None:
             chat = has_template
@@ -153,7 +158,7 @@ class LLM:
                  max_rejections: int | None = DEFAULT_MAX_REJECTIONS,
                  chat: bool | None = None, particles: int = 1, ess_threshold: float = 0.5,
                  resampling: str = "systematic", n: int = 1,
-                 trace: bool = False) -> list[Result]:
+                 trace: bool = False, pre_align: Any = None) -> list[Result]:
         """Generate one Result per prompt under ``constraint`` (any spec ``Constraint`` takes,
         or a list with one spec per prompt), all prompts and particles in one engine batch.
 
@@ -169,6 +174,9 @@ class LLM:
         the particles; ``resampling``: systematic, multinomial, stratified or residual; ``n``:
         posterior draws per prompt (``Result.draws``); ``trace``: record the per-step ESS.
         ``seed`` makes a run repeat itself (random if None).
+        ``pre_align``: True (P-Aligner with this model as the rewriter) or a
+        ``tether.PreAligner``: the last user turn of each prompt is rewritten first (all
+        rewrites in one batch), then answered; ``Result.pre_align`` tells what happened.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -182,6 +190,9 @@ class LLM:
             raise ValueError("max_tokens must be at least 1")
         if n < 1:
             raise ValueError("n (posterior draws) must be at least 1")
+        rewrites = None
+        if pre_align:
+            prompts, rewrites = self._pre_align(list(prompts), pre_align, chat)
         compiled = [self.constraint(c) if c is not None else None for c in specs]
         settings = SMCSettings(max(particles, n), ess_threshold, resampling, n, trace)
         engine = self.engine.llm.llm_engine
@@ -195,7 +206,27 @@ class LLM:
                                      "frequency_penalty": frequency_penalty,
                                      "presence_penalty": presence_penalty})
         groups = run_sync(driver, engine)
-        return [self._group_result(g, settings) for g in groups]
+        results = [self._group_result(g, settings) for g in groups]
+        for result, rewrite in zip(results, rewrites or []):
+            result.pre_align = rewrite
+        return results
+
+    def _pre_align(self, prompts: list, pre_align: Any, chat: bool | None):
+        """Prompts with their last user turn rewritten, and the rewrites (``decode.prealign``)."""
+        from tether.alignment.prealign import PreAligner, replace_last_user_turn, user_text
+        from tether.decode.prealign import align_sync
+
+        if not isinstance(pre_align, PreAligner):
+            if getattr(self, "_aligner", None) is None:
+                self._aligner = PreAligner()
+            pre_align = self._aligner
+        texts = [user_text(p) if isinstance(p, list) else p for p in prompts]
+        if any(t is None for t in texts):
+            raise ValueError("pre_align needs a text user turn in every prompt")
+        rewrites = align_sync(pre_align, texts, self)
+        prompts = [replace_last_user_turn(p, r.text) if isinstance(p, list) else r.text
+                   for p, r in zip(prompts, rewrites)]
+        return prompts, rewrites
 
     def logprobs(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
         """log p(continuation | prompt) under the model (temperature 1), one batch."""
@@ -293,7 +324,8 @@ _DEFAULT: dict[str, LLM] = {}
 
 def generate(prompt: str, constraint: Any = None, *, model: str | None = None,
              **kwargs: Any) -> Result:
-    """Generate one output for ``prompt`` with a shared engine for ``model`` (default embedded)."""
+    """Generate one output for ``prompt`` with a shared engine for ``model`` (default embedded).
+    Keyword arguments are ``LLM.generate``'s (``pre_align=True`` rewrites the prompt first)."""
     from tether.models import resolve
 
     path = resolve(model)

@@ -54,6 +54,7 @@ import concurrent.futures
 import json
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator
@@ -78,6 +79,7 @@ class ServeSettings:
     max_rejections: int | None = DEFAULT_MAX_REJECTIONS
     max_particles: int = DEFAULT_MAX_PARTICLES
     budget_s: float | None = DEFAULT_BUDGET_S
+    pre_align: Any = None  # an alignment.prealign.PreAligner, or None
 
 
 class RequestError(ConstraintError):
@@ -226,6 +228,10 @@ class TetherEngineClient:
         # the constraint's content and its parse target.
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tether-compile")
         self._reaping: set[asyncio.Task] = set()
+        self.aligner = settings.pre_align
+        self.served_name = str(engine.model_config.served_model_name or self._tokenizer_path)
+        self.rewriter_client: "TetherEngineClient | None" = None  # a MODEL rewriter's engine
+        self._http = None  # a URL rewriter's client
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -236,6 +242,72 @@ class TetherEngineClient:
 
         await asyncio.get_running_loop().run_in_executor(self._pool, vocab_for,
                                                          self._tokenizer_path)
+
+    # -- pre-alignment ----------------------------------------------------------------------
+    async def pre_align(self, instruction: str) -> Any:
+        """The rewrite of ``instruction`` by the configured rewriter (``decode.prealign``)."""
+        from tether.decode.prealign import (demanded_span, http_rewrite_async, is_url,
+                                            rewriter_id)
+
+        aligner = self.aligner
+        rid = rewriter_id(aligner, self.served_name)
+        hit = aligner.lookup(rid, instruction)
+        if hit is not None:
+            return hit
+        t0 = time.perf_counter()
+        if is_url(aligner.rewriter):
+            import httpx
+
+            if self._http is None:
+                self._http = httpx.AsyncClient()
+            text, error = await http_rewrite_async(aligner, instruction, self._http)
+            if error and demanded_span(aligner, instruction):
+                text, error = await http_rewrite_async(aligner, instruction, self._http, False)
+        else:
+            engine = self if aligner.rewriter == "self" else self.rewriter_client
+            text, error = await engine.rewrite_here(aligner, instruction)
+            if error and demanded_span(aligner, instruction):
+                # the demanding grammar left no way to end: the plain one always has
+                text, error = await engine.rewrite_here(aligner, instruction, demand=False)
+        seconds = time.perf_counter() - t0
+        loop = asyncio.get_running_loop()  # the guards embed sentences: off the event loop
+        return await loop.run_in_executor(self._pool, aligner.finish, rid, instruction, text,
+                                          seconds, error)
+
+    async def rewrite_here(self, aligner: Any, instruction: str,
+                           demand: bool = True) -> tuple[str | None, str | None]:
+        """Decode one rewrite on this engine: greedy, under the rewrite grammar (``demand``:
+        with the span it demands, ``decode.prealign.grammar_for``)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from tether import Grammar
+        from tether.constraints import compile_constraint, vocab_for
+        from tether.decode.prealign import grammar_for, rewriter_prompt_ids
+
+        loop = asyncio.get_running_loop()
+        vocab = await loop.run_in_executor(self._pool, vocab_for, self._tokenizer_path)
+        prompt_ids = rewriter_prompt_ids(vocab.hf, instruction)
+        room = self._engine.model_config.max_model_len - len(prompt_ids)
+        if room < 32:
+            return None, "the instruction leaves the rewriter no room for a rewrite"
+        grammar = Grammar(grammar_for(aligner, instruction, room, demand))
+        constraint = await loop.run_in_executor(self._pool, compile_constraint, grammar,
+                                                self._tokenizer_path)
+        params = SamplingParams(temperature=0.0, max_tokens=min(aligner.max_tokens, room),
+                                seed=0)
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        plan = {"constraint": constraint, "extra": {}, "particles": 1, "ess_threshold": 0.5,
+                "max_rejections": self._settings.max_rejections}
+        final, request_id = None, f"prealign-{uuid.uuid4().hex}"
+        async for out in self._awrs({"prompt_token_ids": prompt_ids}, params, request_id,
+                                    plan, {}):
+            final = out
+        self.side_info.pop(request_id, None)  # no HTTP response will collect it
+        completion = final.outputs[0]
+        if completion.finish_reason != "stop":
+            return completion.text, f"the rewrite ended with {completion.finish_reason}"
+        return completion.text, None
 
     # -- planning ---------------------------------------------------------------------------
     async def _plan(self, params: Any) -> dict | None:
@@ -505,8 +577,9 @@ _CLIENT: TetherEngineClient | None = None  # the server's wrapper, for the middl
 
 
 async def tether_fields(request: Any, call_next: Any) -> Any:
-    """HTTP middleware (vLLM's ``--middleware``): adds the ``tether`` field to the JSON
-    responses of requests that AWRS decoded; refreshes the records gauge before /metrics."""
+    """HTTP middleware (vLLM's ``--middleware``): pre-aligns chat requests (with
+    ``--pre-align``), adds the ``tether`` field to the JSON responses of requests that AWRS
+    decoded or that were pre-aligned, and refreshes the records gauge before /metrics."""
     from starlette.responses import Response
 
     if _CLIENT is not None and request.url.path == "/metrics":
@@ -514,6 +587,10 @@ async def tether_fields(request: Any, call_next: Any) -> Any:
             await _CLIENT.count_records()
         except Exception as e:  # /metrics must answer even when an engine does not
             log.warning("could not count particle records: %s", e)
+    rewrite = None
+    if _CLIENT is not None and _CLIENT.aligner is not None and request.method == "POST" and \
+            request.url.path.endswith("/chat/completions"):
+        rewrite = await _pre_align_body(request)
     response = await call_next(request)
     if _CLIENT is None or not request.url.path.endswith("completions") or \
             response.headers.get("content-type", "").split(";")[0] != "application/json":
@@ -524,12 +601,42 @@ async def tether_fields(request: Any, call_next: Any) -> Any:
     except ValueError:
         data = None
     info = _CLIENT.take_side_info(data.get("id")) if isinstance(data, dict) else None
+    if rewrite is not None and isinstance(data, dict):
+        info = dict(info if isinstance(info, dict) else {}, pre_align=rewrite.to_dict())
     if info is not None:
         data["tether"] = info
         body = json.dumps(finite_json(data), allow_nan=False).encode()
     headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
     return Response(body, status_code=response.status_code, headers=headers,
                     media_type="application/json")
+
+
+async def _pre_align_body(request: Any) -> Any:
+    """Rewrite the last user turn of a chat request's body in place (``tether_pre_align:
+    false`` in ``vllm_xargs`` opts out); returns the Rewrite, or None."""
+    from tether.alignment.prealign import replace_last_user_turn, user_text
+
+    try:
+        data = json.loads(await request.body())
+    except ValueError:
+        return None  # vLLM answers the malformed body itself
+    if not isinstance(data, dict):
+        return None
+    xargs = data.get("vllm_xargs")
+    enabled = True
+    if isinstance(xargs, dict) and "tether_pre_align" in xargs:
+        enabled = xargs.pop("tether_pre_align") is not False
+    text = user_text(data["messages"]) if isinstance(data.get("messages"), list) else None
+    rewrite = None
+    if enabled and text is not None:
+        rewrite = await _CLIENT.pre_align(text)
+        data["messages"] = replace_last_user_turn(data["messages"], rewrite.text)
+    body = json.dumps(data).encode()
+    request._body = body  # what the app downstream receives (starlette's cached body)
+    request.scope["headers"] = [(k, v) for k, v in request.scope["headers"]
+                                if k.lower() != b"content-length"] + [
+        (b"content-length", str(len(body)).encode())]
+    return rewrite
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -564,6 +671,15 @@ def build_parser():
     group.add_argument("--max-particles", type=int, default=DEFAULT_MAX_PARTICLES,
                        help="the most particles (and n) one request may ask for; more is "
                        "answered with 400")
+    group.add_argument("--pre-align", nargs="?", const="self", default=None,
+                       metavar="REWRITER",
+                       help="rewrite the last user turn of chat requests before answering "
+                       "(P-Aligner): self (this model, the default), a model name or "
+                       "directory, or the URL of a vLLM or tether server; a request opts out "
+                       "with vllm_xargs {\"tether_pre_align\": false}")
+    group.add_argument("--pre-align-min-similarity", type=float, default=0.6, metavar="S",
+                       help="keep a rewrite only if its embedding similarity to the raw "
+                       "instruction reaches S (and it keeps every number, URL, quote, code)")
     group.add_argument("--constraint-budget", type=float, default=DEFAULT_BUDGET_S,
                        metavar="SECONDS",
                        help="constraint time each particle may spend (through resampling); "
@@ -619,9 +735,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{option.replace('_', '-')} is not supported by tether serve: "
                          "its AWRS wrapper lives in one API server process")
     validate_parsed_serve_args(args)
+    aligner = None
+    if args.pre_align is not None:
+        from tether.alignment.prealign import PreAligner
+        from tether.decode.prealign import is_url
+
+        rewriter = args.pre_align
+        if rewriter != "self" and not is_url(rewriter):
+            rewriter = resolve(rewriter)
+        aligner = PreAligner(rewriter, min_similarity=args.pre_align_min_similarity)
     settings = ServeSettings(args.sampler, args.particles, args.ess_threshold,
                              args.awrs_max_rejections or None, args.max_particles,
-                             args.constraint_budget)
+                             args.constraint_budget, aligner)
     if args.headless:  # engines only, for a head node's API server (multi-node launch)
         from vllm.entrypoints.cli.serve import run_headless
 
@@ -638,15 +763,22 @@ def _explicit_options(argv: list[str]) -> list[str]:
 
 async def _serve(args: Any, settings: ServeSettings) -> None:
     global _CLIENT
+    import contextlib
     import sys
 
     from vllm.entrypoints.launchers.api_server import entry
     from vllm.entrypoints.launchers.launcher import setup_server
 
     listen_address, sock = setup_server(args, reuse_port=False)
-    async with entry.build_async_engine_client(args) as engine:
+    async with contextlib.AsyncExitStack() as stack:
+        engine = await stack.enter_async_context(entry.build_async_engine_client(args))
         _CLIENT = TetherEngineClient(engine, settings)
         await _CLIENT.warm_up()
+        aligner = settings.pre_align
+        if aligner is not None and aligner.rewriter != "self" and \
+                not aligner.rewriter.startswith(("http://", "https://")):
+            _CLIENT.rewriter_client = await _rewriter_engine(stack, args, aligner.rewriter,
+                                                             settings)
         print(f"tether serve: model {args.served_model_name[0]!r} on {listen_address} "
               f"(sampler {settings.sampler})", file=sys.stderr, flush=True)
         shutdown = await entry.build_and_serve(_CLIENT, listen_address, sock, args)
@@ -654,3 +786,22 @@ async def _serve(args: Any, settings: ServeSettings) -> None:
         await shutdown
     finally:
         sock.close()
+
+
+async def _rewriter_engine(stack: Any, args: Any, model: str,
+                           settings: ServeSettings) -> TetherEngineClient:
+    """An engine of its own for a rewriter model (its own engine process), with AWRS."""
+    import copy
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    rewriter_args = copy.copy(args)
+    rewriter_args.model = rewriter_args.tokenizer = model
+    rewriter_args.served_model_name = None
+    rewriter_args.data_parallel_size = 1
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(rewriter_args))
+    stack.callback(engine.shutdown)
+    client = TetherEngineClient(engine, ServeSettings("awrs", budget_s=settings.budget_s))
+    await client.warm_up()
+    return client
