@@ -1,10 +1,12 @@
 """P-Aligner pre-alignment, measured where it can be verified, in one run.
 
-1. Rewrites. Each embedded model rewrites every IFEval dev prompt (../shared/data/ifeval,
-   271) and every instruction of the four BPO-style sets (../shared/data/bpo_eval, 732):
-   the P-Aligner template, greedy, under the rewrite grammar (``tether.decode.prealign``).
+1. Rewrites. Each embedded model rewrites the IFEval dev prompts (../shared/data/ifeval, the
+   first ``--ifeval``, all 271 by default) and the BPO-style sets' instructions
+   (../shared/data/bpo_eval, the first ``--bpo-per-set`` of each of the four sets): the
+   P-Aligner template, greedy, under the plain rewrite grammar (``tether.decode.prealign``).
    Each rewrite is judged twice: without guards (used if it parses and differs) and with them
-   (spans kept verbatim, embedding similarity at least 0.6).
+   (spans kept verbatim, embedding similarity at least 0.6), as end checks on the same decode
+   (the runtime's guards also let the grammar demand a single short span; not exercised here).
 2. IFEval accuracy. Each embedded model answers, greedily, every prompt raw and as rewritten
    by itself and by the other model, with and without guards (a guarded fallback answers the
    raw prompt); prompt-level strict and loose accuracy with IFEval's own checkers (the
@@ -31,6 +33,7 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
+import math
 import os
 import random
 import statistics
@@ -172,7 +175,9 @@ def ifeval_scores(records: list[dict], answers: list[str]) -> dict:
         strict += scores.binary_strict
         loose += scores.binary_loose
     n = len(records)
-    return {"strict": strict / n, "loose": loose / n, "prompts": n}
+    se = lambda k: math.sqrt((k / n) * (1 - k / n) / n)  # binomial standard error
+    return {"strict": strict / n, "loose": loose / n, "strict_se": se(strict),
+            "loose_se": se(loose), "prompts": n}
 
 
 def rewrite_stats(judged: list[dict]) -> dict:
@@ -314,10 +319,11 @@ def main() -> None:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| answers | prompts | strict | loose |", "|---|---|---|---|"]
+    lines = ["| answers | prompts | strict (± 1 SE) | loose (± 1 SE) |", "|---|---|---|---|"]
     for model, rows in result["ifeval_accuracy"].items():
         for name, r in rows.items():
-            lines.append(f"| {model} | {name} | {r['strict']:.1%} | {r['loose']:.1%} |")
+            lines.append(f"| {model} | {name} | {r['strict']:.1%} ± {r['strict_se']:.1%} | "
+                         f"{r['loose']:.1%} ± {r['loose_se']:.1%} |")
     lines += ["", "| rewriter | set | used | fallbacks by reason | length ratio | similarity "
               "p10 / p50 / p90 |", "|---|---|---|---|---|---|"]
     for model, sets in result["rewrite_stats"].items():
