@@ -3,6 +3,7 @@ ways in (Python, the CLI, `tether serve --pre-align` through a real OpenAI clien
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -75,6 +76,16 @@ def test_grammar_demands_a_single_short_span(smollm2_vocab):
     # two spans, or a long one, blow up llguidance's lexer at real lengths: checked at the end
     assert enforceable_span("Give 3 reasons, see https://x.org/a.") is None
     assert enforceable_span('Quote "' + "a" * 40 + '".') is None
+
+
+def test_the_token_budget_holds_for_any_characters(smollm2_vocab):
+    from tether.alignment.prealign import chars_for_tokens, tokens_for_chars
+
+    for text in ("plain words " * 20, "今天天气很好" * 20, "🙂é" * 40):
+        ids = smollm2_vocab.hf.encode(text + END_MARKER, add_special_tokens=False)
+        assert len(ids) <= tokens_for_chars(len(text)), text[:12]
+    assert tokens_for_chars(chars_for_tokens(500)) <= 500
+    assert PreAligner(max_chars=100).max_tokens == tokens_for_chars(100)
 
 
 class _FixedEmbedder:
@@ -214,3 +225,11 @@ def test_serve_pre_align_through_openai(tmp_path_factory):
                 "type": "object", "properties": {"c": {"type": "string"}}, "required": ["c"]}}})
         ext = constrained.model_extra["tether"]
         assert "pre_align" in ext and "choices" in ext  # both stages report
+        # two clients with the same new instruction at once: one rewrite, shared
+        same = [{"role": "user", "content": "Name 4 rivers."}]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            both = list(pool.map(lambda _: client.chat.completions.create(
+                model="smollm2", messages=same, max_tokens=8, seed=0), range(2)))
+        shared = [b.model_extra["tether"]["pre_align"] for b in both]
+        assert sorted(x["cached"] for x in shared) == [False, True]
+        assert shared[0]["rewrite"] == shared[1]["rewrite"]

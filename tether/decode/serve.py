@@ -56,7 +56,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncGenerator
 
 from tether.decode.llm import finite_json
@@ -232,6 +232,7 @@ class TetherEngineClient:
         self.served_name = str(engine.model_config.served_model_name or self._tokenizer_path)
         self.rewriter_client: "TetherEngineClient | None" = None  # a MODEL rewriter's engine
         self._http = None  # a URL rewriter's client
+        self._rewrites_in_flight: dict[tuple[str, str], asyncio.Future] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -245,15 +246,36 @@ class TetherEngineClient:
 
     # -- pre-alignment ----------------------------------------------------------------------
     async def pre_align(self, instruction: str) -> Any:
-        """The rewrite of ``instruction`` by the configured rewriter (``decode.prealign``)."""
-        from tether.decode.prealign import (demanded_span, http_rewrite_async, is_url,
-                                            rewriter_id)
+        """The rewrite of ``instruction`` by the configured rewriter (``decode.prealign``): from
+        the cache, from a rewrite of the same instruction already under way, or a new one."""
+        from tether.decode.prealign import rewriter_id
 
         aligner = self.aligner
         rid = rewriter_id(aligner, self.served_name)
         hit = aligner.lookup(rid, instruction)
         if hit is not None:
             return hit
+        # identical instructions arriving while one is being rewritten share that rewrite
+        key = (rid, instruction)
+        pending = self._rewrites_in_flight.get(key)
+        if pending is not None:
+            t0 = time.perf_counter()
+            shared = await asyncio.shield(pending)
+            return replace(shared, cached=True, seconds=time.perf_counter() - t0)
+        task = asyncio.ensure_future(self._rewrite(aligner, rid, instruction))
+        self._rewrites_in_flight[key] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._rewrites_in_flight.pop(key, None)
+            else:  # this client left: the others waiting on it still get it
+                task.add_done_callback(lambda _: self._rewrites_in_flight.pop(key, None))
+
+    async def _rewrite(self, aligner: Any, rid: str, instruction: str) -> Any:
+        """One rewrite by the configured rewriter, judged by the guards (and cached)."""
+        from tether.decode.prealign import demanded_span, http_rewrite_async, is_url
+
         t0 = time.perf_counter()
         if is_url(aligner.rewriter):
             import httpx
@@ -283,13 +305,14 @@ class TetherEngineClient:
 
         from tether import Grammar
         from tether.constraints import compile_constraint, vocab_for
+        from tether.alignment.prealign import MIN_REWRITE_CHARS, chars_for_tokens
         from tether.decode.prealign import grammar_for, rewriter_prompt_ids
 
         loop = asyncio.get_running_loop()
         vocab = await loop.run_in_executor(self._pool, vocab_for, self._tokenizer_path)
         prompt_ids = rewriter_prompt_ids(vocab.hf, instruction)
         room = self._engine.model_config.max_model_len - len(prompt_ids)
-        if room < 32:
+        if chars_for_tokens(room) < MIN_REWRITE_CHARS:
             return None, "the instruction leaves the rewriter no room for a rewrite"
         grammar = Grammar(grammar_for(aligner, instruction, room, demand))
         constraint = await loop.run_in_executor(self._pool, compile_constraint, grammar,
