@@ -149,6 +149,10 @@ def test_only_the_last_user_turn_is_touched():
     out = replace_last_user_turn(messages, "SECOND")
     assert out[3]["content"] == "SECOND" and out[:3] == messages[:3]
     assert messages[3]["content"] == [{"type": "text", "text": "second"}]  # a copy
+    # malformed turns (a client's, before vLLM validates them) are not ours to rewrite
+    assert user_text([1, "x", {"role": "user", "content": ["text", 3]}]) is None
+    assert user_text([{"role": "user", "content": [{"type": "image_url"}, "t"]}]) is None
+    assert user_text(["junk", {"role": "user", "content": "hi"}]) == "hi"
 
 
 @pytest.mark.engine

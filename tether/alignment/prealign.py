@@ -376,7 +376,7 @@ class PreAligner:
 def last_user_turn(messages: list[dict]) -> int | None:
     """Index of the last user message whose content is text (None if there is none)."""
     for i in range(len(messages) - 1, -1, -1):
-        if messages[i].get("role") == "user":
+        if isinstance(messages[i], dict) and messages[i].get("role") == "user":
             return i if _text_of(messages[i].get("content")) is not None else None
     return None
 
@@ -385,10 +385,9 @@ def _text_of(content: Any) -> str | None:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # OpenAI content parts: only all-text content is rewritten
-        texts = [p.get("text") for p in content if isinstance(p, dict)]
-        if texts and all(p.get("type") == "text" and isinstance(t, str)
-                         for p, t in zip(content, texts)):
-            return "\n".join(texts)
+        if content and all(isinstance(p, dict) and p.get("type") == "text"
+                           and isinstance(p.get("text"), str) for p in content):
+            return "\n".join(p["text"] for p in content)
     return None
 
 

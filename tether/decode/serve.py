@@ -276,21 +276,24 @@ class TetherEngineClient:
         """One rewrite by the configured rewriter, judged by the guards (and cached)."""
         from tether.decode.prealign import demanded_span, http_rewrite_async, is_url
 
-        t0 = time.perf_counter()
         if is_url(aligner.rewriter):
             import httpx
 
             if self._http is None:
                 self._http = httpx.AsyncClient()
-            text, error = await http_rewrite_async(aligner, instruction, self._http)
-            if error and demanded_span(aligner, instruction):
-                text, error = await http_rewrite_async(aligner, instruction, self._http, False)
+            decode = lambda demand: http_rewrite_async(aligner, instruction, self._http, demand)
         else:
             engine = self if aligner.rewriter == "self" else self.rewriter_client
-            text, error = await engine.rewrite_here(aligner, instruction)
+            decode = lambda demand: engine.rewrite_here(aligner, instruction, demand)
+        t0 = time.perf_counter()
+        try:
+            text, error = await decode(True)
             if error and demanded_span(aligner, instruction):
                 # the demanding grammar left no way to end: the plain one always has
-                text, error = await engine.rewrite_here(aligner, instruction, demand=False)
+                text, error = await decode(False)
+        except Exception as e:  # the raw instruction is answered; the request goes on
+            log.warning("pre-alignment failed: %s", e)
+            text, error = None, f"{type(e).__name__}: {str(e)[:200]}"
         seconds = time.perf_counter() - t0
         loop = asyncio.get_running_loop()  # the guards embed sentences: off the event loop
         return await loop.run_in_executor(self._pool, aligner.finish, rid, instruction, text,
@@ -793,13 +796,14 @@ async def _serve(args: Any, settings: ServeSettings) -> None:
     from vllm.entrypoints.launchers.launcher import setup_server
 
     listen_address, sock = setup_server(args, reuse_port=False)
+    from tether.decode.prealign import is_url
+
     async with contextlib.AsyncExitStack() as stack:
         engine = await stack.enter_async_context(entry.build_async_engine_client(args))
         _CLIENT = TetherEngineClient(engine, settings)
         await _CLIENT.warm_up()
         aligner = settings.pre_align
-        if aligner is not None and aligner.rewriter != "self" and \
-                not aligner.rewriter.startswith(("http://", "https://")):
+        if aligner is not None and aligner.rewriter != "self" and not is_url(aligner.rewriter):
             _CLIENT.rewriter_client = await _rewriter_engine(stack, args, aligner.rewriter,
                                                              settings)
         print(f"tether serve: model {args.served_model_name[0]!r} on {listen_address} "
