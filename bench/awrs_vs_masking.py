@@ -35,8 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import DATA_NOTE
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "jsonschemabench" / "Github_easy"
 RESULTS = ROOT / "bench" / "results"
 GENLM_PY = ROOT / "bench" / ".envs" / "genlm" / "bin" / "python"
 SYSTEMS = ("tether", "tether-lcd", "xgrammar", "guidance", "tether-smc", "genlm")
@@ -49,7 +50,9 @@ def prompt_for(schema: dict) -> str:
 
 
 def load_schemas(n: int) -> list[tuple[str, dict]]:
-    paths = sorted(DATA.glob("*.json"))[:n]
+    from common import schema_files
+
+    paths = schema_files("Github_easy", n)
     return [(p.stem, json.loads(p.read_text())) for p in paths]
 
 
@@ -349,7 +352,8 @@ def setup_genlm() -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, epilog=DATA_NOTE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemas", type=int, default=100)
     ap.add_argument("--genlm-schemas", type=int, default=10,
                     help="genlm-control is slow on the CPU: time it on a prefix")

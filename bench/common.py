@@ -1,5 +1,5 @@
-"""What several bench scripts share: a loopback port, starting a server, the versions of the
-systems a bench ran (every bench prints them with its results)."""
+"""What several bench scripts share: their input data, a loopback port, starting a server, the
+versions of the systems a bench ran (every bench prints them with its results)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,30 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_NOTE = ("Inputs are read from ../shared/data beside the checkout (this team's machines and "
+             "CI have it; the test suite does not need it). A missing input stops the bench "
+             "with an error naming it.")
+
+
+def shared_data(*parts: str) -> Path:
+    """A benchmark input under ``../shared/data``; a missing one ends the bench loudly."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        raise SystemExit(f"benchmark data missing: {path} (benches read ../shared/data beside "
+                         "the checkout)")
+    return path
+
+
+def schema_files(subset: str, n: int | None = None) -> list[Path]:
+    """The first ``n`` JSON Schemas (by name) of a JSONSchemaBench subset; fewer is an error."""
+    files = sorted(shared_data("jsonschemabench", subset).glob("*.json"))
+    if not files or (n is not None and len(files) < n):
+        raise SystemExit(f"benchmark data: {len(files)} schemas in jsonschemabench/{subset}, "
+                         f"{n or 1} wanted")
+    return files[:n]
 
 
 def free_port() -> int:

@@ -43,8 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import DATA_NOTE, shared_data
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "bench" / "results"
 MODELS = ("smollm2", "gemma3")
 
@@ -56,7 +57,7 @@ def work_dir() -> Path:
 
 def load_ifeval(n: int | None = None) -> list[dict]:
     """The first ``n`` IFEval dev prompts (all 271 without ``n``)."""
-    path = DATA / "ifeval" / "ifeval_dev.jsonl"
+    path = shared_data("ifeval", "ifeval_dev.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[:n]
 
@@ -64,7 +65,7 @@ def load_ifeval(n: int | None = None) -> list[dict]:
 def load_bpo(per_set: int | None = None) -> list[dict]:
     """The first ``per_set`` instructions of each BPO-style set (all without it)."""
     rows = []
-    for path in sorted((DATA / "bpo_eval").glob("*.json")):
+    for path in sorted(shared_data("bpo_eval").glob("*.json")):
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows += [{"set": path.stem, "instruction": r["context"][0]["content"]}
                  for r in records[:per_set]]
@@ -252,7 +253,7 @@ def serving(prompts: list[str], repeats: int, concurrency: int, max_tokens: int)
 # -- the run ------------------------------------------------------------------------------------
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(description=__doc__, epilog=DATA_NOTE,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ifeval", type=int, default=None,
                     help="the first N IFEval dev prompts (default: all 271)")

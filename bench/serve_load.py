@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import TETHER, free_port, start_server, stop, versions
+from common import (DATA_NOTE, TETHER, free_port, schema_files, start_server, stop,
+                    versions)
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "jsonschemabench" / "Github_easy"
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -103,7 +103,7 @@ def load(port: int, schemas: list[dict], requests: int, concurrency: int, max_to
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(description=__doc__, epilog=DATA_NOTE,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--schemas", type=int, default=40)
     ap.add_argument("--out", default=str(RESULTS / "serve_load.json"))
     args = ap.parse_args()
-    schemas = [json.loads(p.read_text()) for p in sorted(DATA.glob("*.json"))[: args.schemas]]
+    schemas = [json.loads(p.read_text()) for p in schema_files("Github_easy", args.schemas)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     table = {}
     for kind in ("tether", "vllm-xgrammar"):

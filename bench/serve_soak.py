@@ -31,8 +31,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from common import DATA_NOTE
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "jsonschemabench" / "Github_easy"
 RESULTS = ROOT / "bench" / "results"
 PATHOLOGICAL = r"^(?=a{28})((a|aa)+)+(b)\3$"
 
@@ -130,7 +131,7 @@ def latency_summary(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(description=__doc__, epilog=DATA_NOTE,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=2000, help="requests in the mixed phase")
     ap.add_argument("--valid-share", type=float, default=0.5)
@@ -141,10 +142,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "serve_soak.json"))
     args = ap.parse_args()
 
-    from common import free_port, stop, versions
+    from common import free_port, schema_files, stop, versions
     from serve_load import start
 
-    schemas = [json.loads(p.read_text()) for p in sorted(DATA.glob("*.json"))[: args.schemas]]
+    schemas = [json.loads(p.read_text()) for p in schema_files("Github_easy", args.schemas)]
     rng = random.Random(args.seed)
     n_valid = int(args.requests * args.valid_share)
     valid = []

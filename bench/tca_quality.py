@@ -39,8 +39,9 @@ from pathlib import Path
 
 import torch
 
+from common import DATA_NOTE, shared_data
+
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 RESULTS = ROOT / "bench" / "results"
 KVPRESS_PY = ROOT / "bench" / ".envs" / "kvpress" / "bin" / "python"
 CALIBRATION_TOKENS = 2048
@@ -52,7 +53,7 @@ QUESTION = " What is the pass key? The pass key is"
 
 def build_tasks(tokenizer, lengths: list[int], windows: int, depths: int, cont: int,
                 seed: int) -> list[dict]:
-    ids = tokenizer(WIKITEXT.read_text(encoding="utf-8")).input_ids
+    ids = tokenizer(shared_data("wikitext-2", "valid.txt").read_text(encoding="utf-8")).input_ids
     rng = random.Random(seed)
     tasks = []
     for L in lengths:
@@ -339,7 +340,7 @@ def plot(table: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(description=__doc__, epilog=DATA_NOTE,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--lengths", default="2048,4096,8192")
@@ -383,7 +384,7 @@ def main() -> None:
     budget_file = Path(args.out).with_name(f"tca_budgets_{args.model}.json")
     t0 = time.perf_counter()
     calibrate_to_file(args.model, budget_file, tau=0.9, block=128,
-                      text=WIKITEXT.read_text(encoding="utf-8")[:200_000],
+                      text=shared_data("wikitext-2", "valid.txt").read_text(encoding="utf-8")[:200_000],
                       tokens=CALIBRATION_TOKENS, window=args.window,
                       **({"observe": args.observe} if args.observe else {}))
     timing = {"calibrate_s": time.perf_counter() - t0}

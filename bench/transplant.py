@@ -39,8 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+from common import DATA_NOTE, shared_data
+
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 RESULTS = ROOT / "bench" / "results"
 MERGEKIT = ROOT / "bench" / ".envs" / "mergekit" / "bin"
 BATCH = 512  # mergekit's batches
@@ -242,7 +243,7 @@ def bits_per_byte(model_dir: str, text: str, window: int = 1024) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(description=__doc__, epilog=DATA_NOTE,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="smollm2")
     ap.add_argument("--donor", default="gemma3")
@@ -303,7 +304,7 @@ def main() -> None:
         print(method, json.dumps({k: v for k, v in runs[method].items() if k != "report"}),
               flush=True)
 
-    text = WIKITEXT.read_text(encoding="utf-8")[:args.eval_bytes]
+    text = shared_data("wikitext-2", "valid.txt").read_text(encoding="utf-8")[:args.eval_bytes]
     bpb = results.setdefault("bits_per_byte", {})
     bpb["original SmolLM2"] = bits_per_byte(base, text)
     for method in ("tether-omp", "mergekit-omp", "mean", "zero"):

@@ -1,4 +1,8 @@
-"""Shared fixtures: real tokenizers, the real engine (one per test session), data paths."""
+"""Shared fixtures: real tokenizers, the real engine (one per test session), test data.
+
+The suite reads nothing outside the repository: its real inputs are the small committed
+fixtures under ``tests/data`` (listed, with their sources and licences, in its README).
+"""
 
 from __future__ import annotations
 
@@ -14,16 +18,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"
 
 # The engine runs in-process so that its processor and our test share the same Python state.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-def shared(*parts: str) -> Path:
-    path = SHARED_DATA.joinpath(*parts)
+def fixture(*parts: str) -> Path:
+    """A committed test input under ``tests/data`` (a missing one fails the test)."""
+    path = DATA.joinpath(*parts)
     if not path.exists():
-        pytest.fail(f"missing shared test data: {path}")
+        pytest.fail(f"missing test fixture: {path}")
     return path
 
 

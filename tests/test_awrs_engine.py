@@ -19,7 +19,7 @@ import lark
 import pytest
 import regex
 
-from conftest import shared
+from conftest import fixture
 from test_constraints_grammar import ARITHMETIC
 from test_constraints_regex import CASES as PATTERN_CASES
 from tether import ConstraintError, Grammar, Predicate, Regex
@@ -46,7 +46,7 @@ def json_prompt(schema: dict) -> list[dict]:
 
 def first_schemas(llm, n: int) -> list[tuple[str, dict]]:
     out = []
-    for path in sorted(shared("jsonschemabench", "Github_easy").glob("*.json")):
+    for path in sorted(fixture("jsonschemabench", "Github_easy").glob("*.json")):
         schema = json.loads(path.read_text())
         try:
             llm.constraint(schema)

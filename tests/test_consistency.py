@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import regex
 
-from conftest import shared
+from conftest import fixture
 from tether import Constraint, Regex
 
 
@@ -32,7 +32,7 @@ def random_walk_states(constraint, rng, steps=20):
         state = constraint.advance(state, int(rng.choice(allowed)))
 
 
-SCHEMAS = sorted(shared("jsonschemabench", "Github_easy").glob("*.json"))[:6]
+SCHEMAS = sorted(fixture("jsonschemabench", "Github_easy").glob("*.json"))[:6]
 
 
 @pytest.mark.parametrize("path", SCHEMAS, ids=[p.stem for p in SCHEMAS])

@@ -14,7 +14,7 @@ import json
 import jsonschema
 import pytest
 
-from conftest import encode, shared, walk
+from conftest import encode, fixture, walk
 from tether import Constraint, ConstraintError
 
 N_SCHEMAS = 30
@@ -116,7 +116,7 @@ def benchmark_cases():
     compile it, or hypothesis-jsonschema cannot generate from it.
     """
     cases = []
-    for path in sorted(shared("jsonschemabench", "Github_easy").glob("*.json")):
+    for path in sorted(fixture("jsonschemabench", "Github_easy").glob("*.json")):
         schema = json.loads(path.read_text())
         try:
             Constraint.from_spec(schema, "smollm2")

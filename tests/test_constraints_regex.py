@@ -1,4 +1,4 @@
-"""Regular expressions from the AWRS paper's pattern set (../shared/data/patterns), checked on
+"""Regular expressions from the AWRS paper's pattern set (fixture: tests/data/patterns), checked on
 both real tokenizers: regular ones through llguidance, the rest (backreferences, lookarounds,
 atomic groups, recursion, conditionals, branch resets) through partial matching with ``regex``.
 
@@ -18,7 +18,7 @@ import csv
 import pytest
 import regex
 
-from conftest import encode, shared, token_at_byte, walk
+from conftest import encode, fixture, token_at_byte, walk
 from tether import Constraint, Regex
 
 # (pattern, matching string, bad string, index of the first character that cannot be extended)
@@ -47,8 +47,8 @@ CASES = [
 ]
 
 
-def test_cases_come_from_the_shared_pattern_set():
-    with open(shared("patterns", "patterns_dev.csv"), newline="") as fh:
+def test_cases_come_from_the_papers_pattern_set():
+    with open(fixture("patterns", "patterns.csv"), newline="") as fh:
         patterns = {row["regex"] for row in csv.DictReader(fh)}
     missing = [p for p, *_ in CASES if p not in patterns]
     assert not missing, missing

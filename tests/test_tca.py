@@ -13,8 +13,10 @@ from tether.attention.budgets import (Budgets, BudgetError, cheapest_assignment,
 from tether.attention.select import dense_to_paged, keep_counts, pooled_scores, select
 from tether.kernels import tca
 
-from conftest import shared  # missing data fails the test, never skips it
+from conftest import fixture  # a missing fixture fails the test, never skips it
 
+# calibration text: the first 20,000 characters of WikiText-2's validation split
+WIKITEXT_HEAD = fixture("wikitext-2", "valid-head.txt").read_text(encoding="utf-8")
 
 
 def test_paged_references_equal_dense_attention():
@@ -214,11 +216,11 @@ def test_calibration_keeps_tau_of_the_mass(smollm2_hf, tmp_path):
     from tether.attention.calibrate import ScoreRecorder, calibrate
 
     budgets = calibrate("smollm2", tau=0.8, block=32, tokens=256, sinks=4, window=16,
-                        observe=8, text=shared('wikitext-2', 'valid.txt').read_text()[:20000])
+                        observe=8, text=WIKITEXT_HEAD)
     model, tok = smollm2_hf
     assert len(budgets.profiles) == model.config.num_hidden_layers
     assert all(len(p) == model.config.num_key_value_heads for p in budgets.profiles)
-    ids = tok(shared('wikitext-2', 'valid.txt').read_text()[:20000], return_tensors="pt").input_ids[:, :256]
+    ids = tok(WIKITEXT_HEAD, return_tensors="pt").input_ids[:, :256]
     recorder = ScoreRecorder(observe=8)
     with recorder, torch.no_grad():
         model(ids)
@@ -280,7 +282,7 @@ def test_calibrate_cli(tmp_path):
     import sys
 
     text = tmp_path / "text.txt"
-    text.write_text(shared('wikitext-2', 'valid.txt').read_text()[:20000])
+    text.write_text(WIKITEXT_HEAD)
     out = tmp_path / "budgets.json"
     cmd = [sys.executable, "-m", "tether.cli", "calibrate", "smollm2", "--out", str(out),
            "--text", str(text), "--tokens", "256", "--block", "32"]
