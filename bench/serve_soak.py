@@ -1,14 +1,18 @@
 """Soak `tether serve --sampler awrs` with hostile traffic mixed into valid traffic, in one run.
 
-One server on a loopback port (the embedded model, default settings). Two phases, same server:
+One server on a loopback port (the embedded model, default settings plus ``--pre-align``;
+the valid requests opt out of pre-alignment). Two phases, same server:
 
 1. ``alone``: the valid requests alone, at the given concurrency;
 2. ``mixed``: the same valid requests (same prompts, schemas and seeds) shuffled with as many
    hostile ones, at the same concurrency: invalid specs (bad schema, bad regex, bad grammar,
    an oversized regex), a schema nested 100 levels deep, huge or negative ``n`` and particle
    counts, sampling parameters AWRS refuses (``logprobs``, ``stop``), a pathological regex
-   whose every check backtracks for seconds, unsatisfiable constraints, and clients that
-   disconnect a second into a long SMC request.
+   whose every check backtracks for seconds (one particle, and 16 in one request),
+   unsatisfiable constraints, clients that disconnect a second into a long SMC request,
+   requests that share one client-chosen ``X-Request-Id`` (each must get its own answer, with
+   no failure), one ``/v1/completions`` request of 200 prompts x 64 particles, and a 40 KB
+   message of numbers to pre-align.
 
 Reported: status counts (5xx must be 0), valid requests answered (must be all), p50 and p99
 latency of valid requests in each phase and their ratio (p99 at most 1.5x is the target),
@@ -55,11 +59,12 @@ def json_format(schema) -> dict:
                                 "json_schema": {"name": "s", "schema": schema}}}
 
 
-def hostile_bodies(seed: int) -> dict[str, tuple[str, dict, float | None]]:
-    """kind -> (path, body, client timeout: None, or seconds after which it disconnects)."""
+def hostile_bodies(seed: int) -> dict[str, tuple[str, dict, float | None, dict]]:
+    """kind -> (path, body, client timeout: None, or seconds after which it disconnects,
+    extra headers)."""
     obj = {"response_format": {"type": "json_object"}}
     c = "/v1/chat/completions"
-    return {
+    kinds = {
         "bad schema": (c, chat("x", 16, seed, **json_format({"type": "nope"})), None),
         "bad regex": (c, chat("x", 16, seed, structured_outputs={"regex": "a(b"}), None),
         "bad grammar": (c, chat("x", 16, seed, structured_outputs={"grammar": 'start: "x" b\n'}),
@@ -86,18 +91,42 @@ def hostile_bodies(seed: int) -> dict[str, tuple[str, dict, float | None]]:
                                **json_format({"type": "object",
                                               "properties": {"story": {"type": "string"}}})),
                        1.0),
+        "many pathological particles": ("/v1/completions", {
+            "model": "smollm2", "prompt": "a" * 60, "max_tokens": 64, "seed": seed,
+            "structured_outputs": {"regex": PATHOLOGICAL},
+            "vllm_xargs": {"tether_particles": 16}}, None),
+        "many prompts x particles": ("/v1/completions", {
+            "model": "smollm2", "prompt": [f"p{i}" for i in range(200)], "max_tokens": 8,
+            "structured_outputs": {"regex": "[ab]+"},
+            "vllm_xargs": {"tether_particles": 64}}, None),
+        "long numeric message": (c, chat(" ".join(str(i) for i in range(7000)), 8, seed),
+                                 None),
     }
+    out = {k: (path, body, timeout, {}) for k, (path, body, timeout) in kinds.items()}
+    out["shared request id"] = (c, chat("Is water wet? Answer as JSON.", 16, seed,
+                                        vllm_xargs={"tether_particles": 4,
+                                                    "tether_pre_align": False},
+                                        **json_format({"type": "object", "properties": {
+                                            "ok": {"type": "boolean"}}, "required": ["ok"]})),
+                                None, {"x-request-id": "soak-shared-id"})
+    return out
 
 
-def send(base: str, path: str, body: dict, timeout: float | None) -> dict:
+def send(base: str, path: str, body: dict, timeout: float | None,
+         headers: dict | None = None) -> dict:
     data = json.dumps(body).encode()
     req = urllib.request.Request(base + path, data=data,
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json", **(headers or {})})
     t0 = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=timeout or 900) as r:
             out = json.loads(r.read())
             finish = [c.get("finish_reason") for c in out.get("choices", [])]
+            ext = out.get("tether")
+            failures = [f.get("failure") for f in (ext if isinstance(ext, list) else [ext])
+                        if isinstance(f, dict) and f.get("failure")]
+            if failures:  # a constraint's failure: its reason, as the finish reason says
+                finish = finish + [f"failure:{failures[0]['reason']}"]
             return {"status": r.status, "latency": time.perf_counter() - t0, "finish": finish}
     except urllib.error.HTTPError as e:
         e.read()
@@ -114,11 +143,11 @@ def server_rss(pid: int) -> float:
     return sum(p.memory_info().rss for p in procs if p.is_running()) / 2 ** 20
 
 
-def run_phase(base: str, jobs: list[tuple[str, str, dict, float | None]],
+def run_phase(base: str, jobs: list[tuple[str, str, dict, float | None, dict]],
               concurrency: int) -> list[dict]:
     def one(job):
-        kind, path, body, timeout = job
-        return dict(send(base, path, body, timeout), kind=kind)
+        kind, path, body, timeout, headers = job
+        return dict(send(base, path, body, timeout, headers), kind=kind)
 
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(one, jobs))
@@ -142,8 +171,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "serve_soak.json"))
     args = ap.parse_args()
 
-    from common import free_port, schema_files, stop, versions
-    from serve_load import start
+    from common import TETHER, free_port, schema_files, start_server, stop, versions
 
     schemas = [json.loads(p.read_text()) for p in schema_files("Github_easy", args.schemas)]
     rng = random.Random(args.seed)
@@ -154,20 +182,22 @@ def main() -> None:
         prompt = ("Write a JSON object that matches this JSON Schema. Keep it short.\n"
                   + json.dumps(schema))
         valid.append(("valid", "/v1/chat/completions",
-                      chat(prompt, args.max_tokens, i, **json_format(schema)), None))
+                      chat(prompt, args.max_tokens, i, vllm_xargs={"tether_pre_align": False},
+                           **json_format(schema)), None, {}))
     kinds = list(hostile_bodies(0))
     hostile = []
     for i in range(args.requests - n_valid):
         kind = kinds[i % len(kinds)]
-        path, body, timeout = hostile_bodies(10_000 + i)[kind]
-        hostile.append((kind, path, body, timeout))
+        hostile.append((kind, *hostile_bodies(10_000 + i)[kind]))
     mixed = valid + hostile
     rng.shuffle(mixed)
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    proc = start("tether", port, RESULTS / "serve_soak.log.tmp")
+    proc = start_server([TETHER, "serve", "--sampler", "awrs", "--pre-align", "--host",
+                         "127.0.0.1", "--port", str(port), "--max-model-len", "4096",
+                         "--served-model-name", "smollm2"], port, RESULTS / "serve_soak.log.tmp")
     try:
         run_phase(base, valid[:args.concurrency], args.concurrency)  # warm up
         rss = {"after_warmup_mib": server_rss(proc.pid)}

@@ -7,11 +7,13 @@ fixtures under ``tests/data`` (listed, with their sources and licences, in its R
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -73,8 +75,10 @@ def free_port() -> int:
 
 TETHER = str(Path(sys.executable).parent / "tether")
 # Servers in the tests: fp32 (see ``llm``), 1 GiB of KV space per engine (several engines
-# live at once in a test session).
-SERVER_ARGS = ["--sampler", "awrs", "--max-model-len", "1024", "--dtype", "float32"]
+# live at once in a test session), and an operator's own logits processor beside AWRS
+# (tests/ban_processor.py, importable from the tests folder).
+SERVER_ARGS = ["--sampler", "awrs", "--max-model-len", "1024", "--dtype", "float32",
+               "--logits-processors", "ban_processor:BanTokensProcessor"]
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
@@ -82,7 +86,8 @@ SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 def running(cmds: list[list[str]], log_dir: Path, port: int, timeout: float = 600):
     """Start ``cmds`` (the first one serves HTTP on ``port``), wait for /health, yield the base
     URL and the first process's log path; stop them all afterwards."""
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", **SERVER_ENV)
+    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", PYTHONPATH=path, **SERVER_ENV)
     procs, logs = [], []
     for i, cmd in enumerate(cmds):
         log = log_dir / f"server-{i}.log"
@@ -126,10 +131,30 @@ def server_dp1(tmp_path_factory):
         yield base, log
 
 
-def openai_client(base: str):
+def openai_client(base: str, api_key: str = "none"):
     from openai import OpenAI
 
-    return OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
+    return OpenAI(base_url=base + "/v1", api_key=api_key, max_retries=0, timeout=600)
+
+
+def post(server, path, body, timeout=600):
+    """(status, raw body) of a JSON POST, without a client library's parsing."""
+    req = urllib.request.Request(server + path, data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(server, name) -> float:
+    with urllib.request.urlopen(server + "/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
 
 
 def walk(constraint, token_ids):

@@ -118,13 +118,17 @@ def test_time_format_follows_the_schema_draft(smollm2_vocab):
     assert not complete('{"t": "25:30:00Z"}')
 
 
-def test_finite_json():
-    from tether.decode.llm import finite_json
+def test_results_are_strict_json():
+    """A dead particle's weight and an undefined log Z are JSON null, never Infinity/NaN."""
+    from tether.decode.llm import Result
 
-    value = {"a": float("-inf"), "b": [1.0, float("nan"), {"c": float("inf")}], "d": "x"}
-    out = finite_json(value)
-    assert out == {"a": None, "b": [1.0, None, {"c": None}], "d": "x"}
-    json.dumps(out, allow_nan=False)
+    dead = Result("", [], "constraint", float("-inf"), stats={"log_weight": float("-inf")})
+    smc = Result("", [], "length", float("nan"), particles=[dead], log_z=float("-inf"),
+                 draws=[])
+    out = smc.to_dict()
+    assert out["log_weight"] is None and out["log_z"] is None
+    assert out["particles"][0]["log_weight"] is None
+    json.loads(json.dumps(out, allow_nan=False))
 
 
 def test_unknown_model_names_are_refused_with_the_registered_ones():

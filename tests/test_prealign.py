@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import post
 from tether import Constraint, Grammar
 from tether.alignment.prealign import (ANSWER_PREFIX, END_MARKER, REWRITE_TEMPLATE, PreAligner,
                                        RewriteCache, Rewrite, enforceable_span, missing_span,
@@ -85,7 +86,44 @@ def test_the_token_budget_holds_for_any_characters(smollm2_vocab):
         ids = smollm2_vocab.hf.encode(text + END_MARKER, add_special_tokens=False)
         assert len(ids) <= tokens_for_chars(len(text)), text[:12]
     assert tokens_for_chars(chars_for_tokens(500)) <= 500
-    assert PreAligner(max_chars=100).max_tokens == tokens_for_chars(100)
+
+
+def test_a_rewrite_is_bounded_by_its_instruction(smollm2_vocab):
+    """The body may grow REWRITE_GROWTH times the instruction (at least MIN_BODY_CHARS, at most
+    max_chars), and the job's token bound follows the body, not the maximum."""
+    from tether.alignment.prealign import MIN_BODY_CHARS, REWRITE_GROWTH, tokens_for_chars
+    from tether.decode.prealign import rewrite_job
+
+    aligner = PreAligner(max_chars=2000, guards=False)
+    assert aligner.body_chars("Hi.") == MIN_BODY_CHARS
+    assert aligner.body_chars("x" * 100) == REWRITE_GROWTH * 100
+    assert aligner.body_chars("x" * 5000) == 2000
+    short = rewrite_job(aligner, "Name 3 fruits.", smollm2_vocab.hf, 4096)
+    long = rewrite_job(aligner, "Describe the sea. " * 20, smollm2_vocab.hf, 16384)
+    assert short.max_tokens == tokens_for_chars(MIN_BODY_CHARS) < long.max_tokens
+    assert "{1,256}" in short.grammar.text and "{1,1440}" in long.grammar.text
+    tight = rewrite_job(aligner, "Name 3 fruits.", smollm2_vocab.hf, 120)  # a small context
+    assert tight.max_tokens <= 120 - len(tight.prompt_ids)
+    assert rewrite_job(aligner, "x " * 100, smollm2_vocab.hf, 64).error is not None
+
+
+def test_protected_spans_scale_with_the_message():
+    """A long message of numbers: every number found, in a time linear up to a log factor
+    (the pairwise test this replaced took 18 s on 40 KB): 4x the text, at most 8x the time."""
+    import time
+
+    def seconds(n):
+        text = " ".join(str(i) for i in range(n))
+        t0 = time.perf_counter()
+        spans = protected_spans(text)
+        assert len(spans) == n
+        return time.perf_counter() - t0
+
+    small, large = min(seconds(2000) for _ in range(3)), min(seconds(8000) for _ in range(3))
+    assert large < 8 * small + 0.05
+    # nested kinds are still dropped: the number inside the URL and the one in the quote
+    assert protected_spans('see https://a.b/12 and "q 3" then 4') == [
+        "https://a.b/12", '"q 3"', "4"]
 
 
 class _FixedEmbedder:
@@ -112,6 +150,35 @@ def test_guards_fall_back_with_a_reason():
     assert unguarded.used
     assert PreAligner(guards=False).finish("m", "x", None, 1.0, "timeout").reason == \
         "rewriter error: timeout"
+
+
+class _BrokenEmbedder:
+    def similarity(self, a, b):
+        raise RuntimeError("embedding model failed")
+
+
+def test_a_failing_guard_answers_the_raw_instruction_and_is_not_cached():
+    aligner = PreAligner(embedder=_BrokenEmbedder())
+    r = aligner.finish("m", "Tell a joke.", "Tell a funny joke." + END_MARKER, 0.1)
+    assert not r.used and r.text == "Tell a joke."
+    assert r.reason == "guard error: RuntimeError: embedding model failed"
+    assert aligner.lookup("m", "Tell a joke.") is None  # the next request tries again
+
+
+def test_clients_do_not_share_rewrites_and_responses_do_not_say_cached():
+    aligner = PreAligner(embedder=_FixedEmbedder(0.9))
+    aligner.finish("m", "Tell a joke.", "Tell a funny joke." + END_MARKER, 0.4, client="alice")
+    assert aligner.lookup("m", "Tell a joke.", client="bob") is None
+    hit = aligner.lookup("m", "Tell a joke.", client="alice")
+    assert hit.cached and "cached" not in hit.public_dict() and \
+        "seconds" not in hit.public_dict()
+
+
+def test_url_rewrites_opt_out_of_the_rewriters_own_pre_alignment():
+    from tether.decode.prealign import url_request
+
+    body = url_request(PreAligner(guards=False), "Tell a joke.", "m")
+    assert body["vllm_xargs"] == {"tether_pre_align": False}
 
 
 def test_similarity_embedder_is_real():
@@ -169,7 +236,7 @@ def test_python_api_rewrites_then_answers(llm):
         assert "3" in rewrites[0].text
     assert rewrites[0].rewrite == rewrites[2].rewrite  # identical instructions: one rewrite
     again = align_sync(aligner, ["Name 3 fruits."], llm)[0]
-    assert again.cached and again.seconds == 0.0
+    assert again.cached and again.seconds == 0.0 and again.rewrite == rewrites[0].rewrite
     results = llm.generate([[{"role": "system", "content": "Answer briefly."},
                              {"role": "user", "content": "Tell me about the sea."}]],
                            max_tokens=16, seed=0, pre_align=aligner)
@@ -201,24 +268,39 @@ def test_cli_align(tmp_path):
 
 @pytest.mark.engine
 def test_serve_pre_align_through_openai(tmp_path_factory):
-    from conftest import SERVER_ARGS, TETHER, free_port, openai_client, running
+    from conftest import SERVER_ARGS, TETHER, free_port, metric, openai_client, running
+    from tether.constraints import vocab_for
 
     port = free_port()
     cmd = [TETHER, "serve", *SERVER_ARGS, "--host", "127.0.0.1", "--port", str(port),
            "--pre-align"]
+    hf = vocab_for("smollm2").hf
     with running([cmd], tmp_path_factory.mktemp("serve-prealign"), port) as (base, _):
         client = openai_client(base)
         messages = [{"role": "system", "content": "You answer in one line."},
                     {"role": "user", "content": "Name 3 colours."}]
         r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16,
-                                           seed=0)
+                                           seed=0, extra_body={"return_token_ids": True})
         info = r.model_extra["tether"]["pre_align"]
         assert info["raw"] == "Name 3 colours." and info["rewrite"] is not None
         assert info["used"] or info["reason"]
-        assert info["seconds"] > 0 and not info["cached"]
+        # nothing tells a client whether someone asked the same before
+        assert "cached" not in info and "seconds" not in info
+        # the engine answered the text the field reports: the rewrite when used
+        prompt = hf.decode(r.model_extra["prompt_token_ids"])
+        answered = info["rewrite"] if info["used"] else info["raw"]
+        assert answered in prompt and "You answer in one line." in prompt
+        if info["used"] and info["raw"] not in info["rewrite"]:
+            assert info["raw"] not in prompt
+        hits = metric(base, "tether_prealign_cache_hits_total")
         again = client.chat.completions.create(model="smollm2", messages=messages,
                                                max_tokens=16, seed=0)
-        assert again.model_extra["tether"]["pre_align"]["cached"]
+        assert again.model_extra["tether"]["pre_align"]["rewrite"] == info["rewrite"]
+        assert metric(base, "tether_prealign_cache_hits_total") == hits + 1
+        # another client (other credentials) gets its own rewrite, not the first one's entry
+        other = openai_client(base, api_key="someone-else")
+        other.chat.completions.create(model="smollm2", messages=messages, max_tokens=4, seed=0)
+        assert metric(base, "tether_prealign_cache_hits_total") == hits + 1
         opted_out = client.chat.completions.create(
             model="smollm2", messages=messages, max_tokens=16, seed=0,
             extra_body={"vllm_xargs": {"tether_pre_align": False}})
@@ -229,11 +311,18 @@ def test_serve_pre_align_through_openai(tmp_path_factory):
                 "type": "object", "properties": {"c": {"type": "string"}}, "required": ["c"]}}})
         ext = constrained.model_extra["tether"]
         assert "pre_align" in ext and "choices" in ext  # both stages report
-        # two clients with the same new instruction at once: one rewrite, shared
+        # a body vLLM refuses costs no rewrite
+        rewrites = metric(base, "tether_prealign_rewrites_total")
+        bad = post(base, "/v1/chat/completions", {"model": "smollm2", "messages": [
+            {"role": "user", "content": "Name 5 birds."}], "max_tokens": -4})
+        assert bad[0] == 400
+        assert metric(base, "tether_prealign_rewrites_total") == rewrites
+        # the same client with the same new instruction twice at once: one rewrite, shared
         same = [{"role": "user", "content": "Name 4 rivers."}]
+        hits = metric(base, "tether_prealign_cache_hits_total")
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             both = list(pool.map(lambda _: client.chat.completions.create(
                 model="smollm2", messages=same, max_tokens=8, seed=0), range(2)))
         shared = [b.model_extra["tether"]["pre_align"] for b in both]
-        assert sorted(x["cached"] for x in shared) == [False, True]
         assert shared[0]["rewrite"] == shared[1]["rewrite"]
+        assert metric(base, "tether_prealign_cache_hits_total") == hits + 1

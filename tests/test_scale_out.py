@@ -123,10 +123,13 @@ def test_two_nodes_on_loopback(server_dp1, tmp_path):
         two = populations(base, seeds, particles=1, n=1)
         assert {ext["choices"][0]["engine"] for _, ext in two} == {0, 1}
         one = populations(server_dp1[0], seeds, particles=1, n=1)
+        same = 0
         for (c1, e1), (c2, e2) in zip(one, two):
             if c1[0].message.content == c2[0].message.content:
+                same += 1
                 assert e1["choices"][0]["log_weight"] == pytest.approx(
                     e2["choices"][0]["log_weight"], abs=1e-3)
+        assert same >= 6  # fp32 logits differ across batches by float noise only
         smc = populations(base, [0, 1], particles=8, n=4)
         for choices, ext in smc:
             assert ext["log_z"] is not None and len(choices) == 4

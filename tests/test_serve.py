@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import regex
 
-from conftest import openai_client
+from conftest import metric, openai_client, post
 
 pytestmark = pytest.mark.engine
 
@@ -44,25 +44,6 @@ def client(server):
 def chat(client, prompt, **kw):
     return client.chat.completions.create(
         model="smollm2", messages=[{"role": "user", "content": prompt}], **kw)
-
-
-def post(server, path, body, timeout=600):
-    """(status, raw body) of a JSON POST, without a client library's parsing."""
-    req = urllib.request.Request(server + path, data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def metric(server, name) -> float:
-    with urllib.request.urlopen(server + "/metrics", timeout=30) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_json_schema_response_format(client):
@@ -101,7 +82,10 @@ def test_n_choices_are_posterior_draws(client):
         if c.finish_reason == "stop":
             assert isinstance(json.loads(c.message.content)["ok"], bool)
     ext = r.model_extra["tether"]
-    assert ext["particles"] == 3 and len(ext["choices"]) == 3 and "log_z" in ext
+    assert ext["particles"] == 3 and len(ext["choices"]) == 3
+    if any(c.finish_reason == "stop" for c in r.choices):  # a posterior: a finite estimate
+        assert isinstance(ext["log_z"], float) and ext["log_z"] < 0
+        assert all(c["log_weight"] is not None for c in ext["choices"])
 
 
 def test_smc_particles_override(client):
@@ -186,12 +170,20 @@ def test_pathological_regex_ends_alone_with_budget(server, client):
 
 
 def test_dead_particle_is_not_stop_and_no_infinity(server):
+    """Every token the constraint allows is banned by the operator's processor: no allowed
+    token has any mass, so the particle dies at its first step (found by the full mask after
+    the bounded rejections, not by scanning the vocabulary)."""
+    from tether.constraints import vocab_for
+
+    hf = vocab_for("smollm2").hf
+    starts_a = [i for t, i in hf.get_vocab().items()
+                if hf.convert_tokens_to_string([t]).startswith("a")]
     code, text = post(server, "/v1/chat/completions", {
         "model": "smollm2", "messages": [{"role": "user", "content": "x"}], "max_tokens": 8,
-        "structured_outputs": {"regex": "(?!)"}})  # nothing matches: every token is rejected
+        "structured_outputs": {"regex": "a+"}, "vllm_xargs": {"ban_token_ids": starts_a}})
     assert code == 200 and "Infinity" not in text and "NaN" not in text
     out = json.loads(text)  # strict JSON
-    assert out["choices"][0]["finish_reason"] == "constraint"
+    assert out["choices"][0]["finish_reason"] == "constraint", out["tether"]
     choice = out["tether"]["choices"][0]
     assert choice["finish_reason"] == "constraint" and choice["log_weight"] is None
     assert out["tether"]["log_z"] is None
@@ -229,9 +221,18 @@ def test_unconstrained_requests_are_plain_vllm(client):
     assert r.choices[0].message.content and "tether" not in (r.model_extra or {})
 
 
-def test_metrics_have_tether_counters(server):
-    assert metric(server, "tether_constraint_checks_total") > 0
-    assert metric(server, "tether_failed_requests_total") >= 0
+def test_metrics_count_what_happened(server, client):
+    checks, failed = (metric(server, "tether_constraint_checks_total"),
+                      metric(server, "tether_failed_requests_total"))
+    r = chat(client, "Is water wet? Answer as JSON.", max_tokens=16, seed=8,
+             response_format={"type": "json_schema",
+                              "json_schema": {"name": "yn", "schema": YES_NO}})
+    assert metric(server, "tether_constraint_checks_total") >= \
+        checks + r.model_extra["tether"]["stats"]["checks"] > checks
+    code, _ = post(server, "/v1/completions", {  # ends with "budget": a failed request
+        "model": "smollm2", "prompt": "a" * 60, "max_tokens": 40,
+        "structured_outputs": {"regex": PATHOLOGICAL}})
+    assert code == 200 and metric(server, "tether_failed_requests_total") == failed + 1
     with urllib.request.urlopen(server + "/metrics", timeout=10) as r:
         assert "vllm:" in r.read().decode()
 
@@ -261,3 +262,165 @@ def test_served_under_the_name_given_and_quiet(server_dp1, client):
     log = server_dp1[1].read_text()
     assert " INFO " not in log and "Attempted to load weight" not in log
     assert "tether serve: model 'smollm2'" in log
+
+
+# -- second pass: ids, dropped values, per-request limits, endpoints ----------------------------
+
+def _with_request_id(server, body, request_id):
+    req = urllib.request.Request(server + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json",
+                                          "x-request-id": request_id})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def test_requests_sharing_a_client_request_id_keep_their_own_weights(server):
+    """A retrying client or a proxy sends one X-Request-Id for two requests: each must come
+    back with its own particles, outputs and weights (records are keyed by server-made ids)."""
+    digits = {"model": "smollm2", "messages": [{"role": "user", "content": "A number:"}],
+              "max_tokens": 6, "seed": 1, "structured_outputs": {"regex": r"[0-9]{3}"},
+              "vllm_xargs": {"tether_particles": 4, "tether_ess_threshold": 1.0}}
+    words = {"model": "smollm2", "messages": [{"role": "user", "content": "A colour:"}],
+             "max_tokens": 6, "seed": 2, "n": 2,
+             "structured_outputs": {"choice": ["red", "green", "blue"]},
+             "vllm_xargs": {"tether_particles": 6, "tether_ess_threshold": 1.0}}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(_with_request_id, server, body, "same-id")
+                   for body in (digits, words, digits, words)]
+        outs = [f.result() for f in futures]
+    for out, body in zip(outs, (digits, words, digits, words)):
+        ext = out["tether"]
+        assert ext["failure"] is None, ext["failure"]
+        assert ext["particles"] == body["vllm_xargs"]["tether_particles"]
+        assert len(out["choices"]) == len(ext["choices"]) == body.get("n", 1)
+        assert isinstance(ext["log_z"], float)
+        for choice, info in zip(out["choices"], ext["choices"]):
+            assert choice["finish_reason"] == info["finish_reason"] == "stop"
+            assert isinstance(info["log_weight"], float)
+            text = choice["message"]["content"]
+            if "regex" in body["structured_outputs"]:
+                assert regex.fullmatch(r"[0-9]{3}", text)
+            else:
+                assert text in ("red", "green", "blue")
+
+
+def test_other_vllm_xargs_reach_the_operators_processors(server):
+    """``ban_token_ids`` goes to the server's own logits processor (tests/ban_processor.py)
+    under AWRS: with every token that starts "yes" banned, the answer is always "no"."""
+    from tether.constraints import vocab_for
+
+    hf = vocab_for("smollm2").hf
+    yes = [i for t, i in hf.get_vocab().items()
+           if (s := hf.convert_tokens_to_string([t]).strip()) and "yes".startswith(s)]
+
+    def ask(seed, ban):
+        body = {"model": "smollm2", "max_tokens": 3, "seed": seed,
+                "messages": [{"role": "user", "content": "Is water wet? Answer yes or no."}],
+                "structured_outputs": {"choice": ["yes", "no"]}}
+        if ban:
+            body["vllm_xargs"] = {"ban_token_ids": yes}
+        code, text = post(server, "/v1/chat/completions", body)
+        assert code == 200, text
+        return json.loads(text)["choices"][0]["message"]["content"]
+
+    assert "yes" in {ask(seed, ban=False) for seed in range(6)}  # the model does say yes
+    assert {ask(seed, ban=True) for seed in range(6)} == {"no"}
+
+
+def test_particles_are_limited_per_http_request(server):
+    """3 prompts x 30 particles is over --max-particles (64) for one HTTP request, though
+    each prompt alone is under it; 2 x 30 is not."""
+    body = {"model": "smollm2", "max_tokens": 2, "structured_outputs": {"regex": "[ab]"},
+            "vllm_xargs": {"tether_particles": 30}}
+    code, text = post(server, "/v1/completions", dict(body, prompt=["x", "y", "z"]))
+    assert code == 400 and "--max-particles" in text and "90" in text, text[:300]
+    code, text = post(server, "/v1/completions", dict(body, prompt=["x", "y"]))
+    assert code == 200, text[:300]
+    fields = json.loads(text)["tether"]
+    assert [f["particles"] for f in fields] == [30, 30]  # one field per prompt, in order
+    time.sleep(1)
+    assert metric(server, "vllm:num_requests_running") == 0  # nothing left behind
+
+
+def test_batch_endpoint_gets_the_same_treatment(server):
+    def batch(n):
+        return post(server, "/v1/chat/completions/batch", {
+            "model": "smollm2", "max_tokens": 4,
+            "messages": [[{"role": "user", "content": f"Pick a letter {i}."}] for i in range(n)],
+            "structured_outputs": {"regex": "[abc]"},
+            "vllm_xargs": {"tether_particles": 30}})
+
+    code, text = batch(3)
+    assert code == 400 and "--max-particles" in text, text[:300]
+    code, text = batch(2)
+    assert code == 200, text[:300]
+    out = json.loads(text)
+    assert [c["message"]["content"] in "abc" for c in out["choices"]] == [True, True]
+    assert [f["particles"] for f in out["tether"]] == [30, 30]
+
+
+@pytest.mark.parametrize("path,body,needle", [
+    ("/v1/chat/completions", {"structured_outputs": {"json": {"type": "object"},
+                                                     "whitespace_pattern": " ?"}},
+     "whitespace_pattern"),
+    ("/v1/responses", {"input": "x", "text": {"format": {
+        "type": "json_schema", "name": "o", "schema": {"type": "object"}}}}, "awrs sampler"),
+])
+def test_what_awrs_cannot_honour_is_refused(server, path, body, needle):
+    base = {"model": "smollm2", "max_tokens": 4}
+    if path == "/v1/chat/completions":
+        base["messages"] = [{"role": "user", "content": "x"}]
+    code, text = post(server, path, dict(base, **body))
+    assert code == 400 and needle in text, (code, text[:400])
+
+
+def test_closed_objects_under_awrs(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
+              "required": ["name"]}
+    r = chat(client, "A cat as JSON with a name and its colour.", max_tokens=40, seed=3,
+             extra_body={"structured_outputs": {"json": schema,
+                                                "disable_additional_properties": True}})
+    if r.choices[0].finish_reason == "stop":
+        assert set(json.loads(r.choices[0].message.content)) == {"name"}
+
+
+def test_many_pathological_particles_hold_no_step(server, client):
+    """One request, 16 particles whose every check backtracks for seconds: its population
+    shares one step's constraint time, so it ends with "budget" within a few steps, and a
+    request beside it is served."""
+    def healthy():
+        t0 = time.time()
+        r = chat(client, "Is the sky blue? Answer as JSON.", max_tokens=16, seed=0,
+                 response_format={"type": "json_schema",
+                                  "json_schema": {"name": "yn", "schema": YES_NO}})
+        return r, time.time() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        t0 = time.time()
+        hostile = pool.submit(post, server, "/v1/completions", {
+            "model": "smollm2", "prompt": "a" * 60, "max_tokens": 64,
+            "structured_outputs": {"regex": PATHOLOGICAL},
+            "vllm_xargs": {"tether_particles": 16}})
+        normal = pool.submit(healthy)
+        code, text = hostile.result()
+        hostile_s = time.time() - t0
+        r, _ = normal.result()
+    assert code == 200
+    out = json.loads(text)
+    assert out["choices"][0]["finish_reason"] == "budget" and out["tether"]["log_z"] is None
+    assert hostile_s < 30  # 16 x 0.5 s per step was the old bound, for each of 64 steps
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_bad_server_options_stop_it_at_start(tmp_path):
+    import subprocess
+
+    from conftest import TETHER
+
+    for flags, needle in ((["--ess-threshold", "2"], "--ess-threshold"),
+                          (["--particles", "8", "--max-particles", "4"], "--max-particles"),
+                          (["--constraint-budget", "0"], "--constraint-budget")):
+        run = subprocess.run([TETHER, "serve", "--sampler", "awrs", *flags],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2 and needle in run.stderr, run.stderr[-800:]
+        assert "Traceback" not in run.stderr

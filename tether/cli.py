@@ -83,10 +83,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 line.pop("particles", None), line.pop("draws", None)
         else:
             lines = [r.to_dict() for r in llm.generate([args.prompt] * args.n, spec, **options)]
-    from tether.decode.llm import finite_json
+    from pydantic_core import to_jsonable_python
 
     for line in lines:  # JSON has no Infinity: undefined numbers are null
-        print(json.dumps(finite_json(line), ensure_ascii=False, allow_nan=False))
+        print(json.dumps(to_jsonable_python(line, inf_nan_mode="null"), ensure_ascii=False,
+                         allow_nan=False))
     return 0
 
 
@@ -132,11 +133,11 @@ def _cmd_align(args: argparse.Namespace) -> int:
     aligner = PreAligner(rewriter, guards=not args.no_guards, min_similarity=args.min_similarity,
                          max_chars=args.max_chars, cache_path=args.cache)
     llm = None
-    if rewriter == "self":
+    if not is_url(rewriter):  # the model that rewrites: the answering one for "self"
         from tether.decode.llm import LLM
 
-        llm = LLM(resolve(args.model), verbose=args.verbose)
-    rewrites = align_sync(aligner, [text for _, text in rows], llm)
+        llm = LLM(resolve(args.model) if rewriter == "self" else rewriter, verbose=args.verbose)
+    rewrites = align_sync(aligner, [text for _, text in rows], llm, resolve(args.model))
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         for (record, _), rewrite in zip(rows, rewrites):

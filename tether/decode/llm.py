@@ -15,15 +15,13 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
+from pydantic_core import to_jsonable_python
 
 from tether.constraints import Constraint, compile_constraint
 from tether.decode.engine import Engine
 from tether.decode.processor import DEFAULT_BUDGET_S, DEFAULT_MAX_REJECTIONS
-from tether.decode.records import ParticleRecord
-from tether.decode.smc import (EngineBackend, Group, Particle, SMCDriver, SMCSettings,
-                               prefill_per_resampling, run_sync)
-from tether.samplers import resampling
+from tether.decode.results import assemble
+from tether.decode.smc import Group, SMCDriver, SMCSettings, run_sync
 
 
 @dataclass
@@ -85,18 +83,7 @@ class Result:
             out["draws"] = [d.text for d in self.draws or []]
         if self.pre_align is not None:
             out["pre_align"] = self.pre_align.to_dict()
-        return finite_json(out)
-
-
-def finite_json(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None (JSON has no Infinity/NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value
+        return to_jsonable_python(out, inf_nan_mode="null")
 
 
 class LLM:
@@ -117,6 +104,7 @@ class LLM:
         self.engine = Engine(model, **engine_kwargs)
         self.model_path = self.engine.model_path
         self.tokenizer = self.engine.tokenizer
+        self._rewriters: dict[str, LLM] = {}  # engines of rewriter models (pre_align)
 
     def constraint(self, spec: Any) -> Constraint:
         """Compile ``spec`` for this model's tokenizer (cached)."""
@@ -196,8 +184,7 @@ class LLM:
         compiled = [self.constraint(c) if c is not None else None for c in specs]
         settings = SMCSettings(max(particles, n), ess_threshold, resampling, n, trace)
         engine = self.engine.llm.llm_engine
-        driver = SMCDriver(EngineBackend(engine), [self.prompt_ids(p, chat) for p in prompts],
-                           compiled, settings,
+        driver = SMCDriver([self.prompt_ids(p, chat) for p in prompts], compiled, settings,
                            seed=secrets.randbits(32) if seed is None else seed,
                            max_tokens=max_tokens, sampler=sampler, estimator=estimator,
                            max_rejections=max_rejections, budget_s=self.constraint_budget,
@@ -214,7 +201,7 @@ class LLM:
     def _pre_align(self, prompts: list, pre_align: Any, chat: bool | None):
         """Prompts with their last user turn rewritten, and the rewrites (``decode.prealign``)."""
         from tether.alignment.prealign import PreAligner, replace_last_user_turn, user_text
-        from tether.decode.prealign import align_sync
+        from tether.decode.prealign import align_sync, is_url
 
         if not isinstance(pre_align, PreAligner):
             if getattr(self, "_aligner", None) is None:
@@ -223,7 +210,14 @@ class LLM:
         texts = [user_text(p) if isinstance(p, list) else p for p in prompts]
         if any(t is None for t in texts):
             raise ValueError("pre_align needs a text user turn in every prompt")
-        rewrites = align_sync(pre_align, texts, self)
+        engine = None
+        if pre_align.rewriter == "self":
+            engine = self
+        elif not is_url(pre_align.rewriter):  # a rewriter model: an engine of its own, once
+            engine = self._rewriters.get(pre_align.rewriter)
+            if engine is None:
+                engine = self._rewriters[pre_align.rewriter] = LLM(pre_align.rewriter)
+        rewrites = align_sync(pre_align, texts, engine, self.model_path)
         prompts = [replace_last_user_turn(p, r.text) if isinstance(p, list) else r.text
                    for p, r in zip(prompts, rewrites)]
         return prompts, rewrites
@@ -242,74 +236,30 @@ class LLM:
         return scores
 
     # -- results -------------------------------------------------------------------------------
-    def _particle_result(self, group: Group, particle: Particle) -> Result:
-        text = self.tokenizer.decode(
-            [t for t in particle.tokens if t not in self._stop_ids(group)],
-            skip_special_tokens=True)
-        finish = particle.finish_reason or "length"
-        if group.constraint is None:
-            return Result(text, list(particle.tokens), finish)
-        record = ParticleRecord("", {i: s for i, s in enumerate(particle.steps) if s is not None},
-                                failure=particle.failure)
-        stats = record.summary(len(particle.tokens))
-        del stats["key"]
-        stats["dead"] = finish == "constraint"
-        log_weight = -math.inf if finish in ("constraint", "budget", "error") \
-            else stats["log_weight"]
-        stats["log_weight"] = log_weight
-        value = group.constraint.parse(text) if finish == "stop" else None
-        return Result(text, list(particle.tokens), finish, log_weight, value, stats)
-
-    def _stop_ids(self, group: Group) -> frozenset:
-        if group.constraint is not None:
-            return group.constraint.eos_token_ids
-        eos = self.tokenizer.eos_token_id
-        return frozenset([eos]) if eos is not None else frozenset()
-
     def _group_result(self, group: Group, settings: SMCSettings) -> Result:
-        results = [self._particle_result(group, p) for p in group.particles]
+        decode = lambda tokens: self.tokenizer.decode(tokens, skip_special_tokens=True)
+        population = assemble(group, settings.draws, decode, group.constraint is not None)
+        results = [Result(p.text, p.tokens, p.finish_reason, p.log_weight, p.value,
+                          p.stats, p.normalized_weight) for p in population.particles]
         if settings.particles == 1:
             return results[0]
-        if group.failure is not None:  # weights unknown: no posterior, no estimate
-            for r in results:
-                r.normalized_weight = None
-            main = next(r for r in results if r.finish_reason == group.failure["reason"])
-            return Result(main.text, main.token_ids, main.finish_reason, main.log_weight,
-                          None, dict(main.stats, failure=group.failure), particles=results,
-                          log_z=None, draws=[], resampling=group.resamples,
-                          ancestry=[{"uid": p.uid, "parent": p.parent}
-                                    for p in group.particles])
-        # final weights since the last resampling; incomplete outputs are not in L
-        final = np.array([p.log_weight(group.last_resample) if r.finish_reason == "stop"
-                          else -math.inf for p, r in zip(group.particles, results)])
-        weights = resampling.normalize(final)
-        for r, w in zip(results, weights):
-            r.normalized_weight = float(w)
-        log_z = group.log_z + resampling.log_mean_exp(final) if np.isfinite(final).any() \
-            else -math.inf
-        if weights.sum() > 0:
-            picks = group.rng.choice(len(results), size=settings.draws, p=weights)
-            draws = [results[i] for i in picks]
-            main = draws[0]
-        else:
-            draws = []
-            main = max(results, key=lambda r: (r.log_weight, len(r.token_ids)))
-        prefill = prefill_per_resampling(group)
-        for event, tokens in zip(group.resamples, prefill):
-            event["prefill_tokens"] = tokens
+        main = results[population.choices(1)[0]]
         stats = dict(main.stats)
-        stats["population"] = {
-            "checks": sum(r.stats.get("checks", 0) for r in results),
-            "tokens": sum(len(r.token_ids) for r in results),
-            "resampling_events": len(group.resamples),
-            "dead_particles": sum(r.finish_reason == "constraint" for r in results)}
-        return Result(main.text, main.token_ids, main.finish_reason, main.log_weight, main.value,
-                      stats, main.normalized_weight, particles=results, log_z=log_z,
-                      draws=draws, ess=group.ess_trace if settings.trace else None,
-                      resampling=group.resamples,
-                      ancestry=[{"uid": p.uid, "parent": p.parent} for p in group.particles])
+        if population.failure is not None:
+            stats["failure"] = population.failure
+        stats["population"] = {k: population.stats[k] for k in (
+            "checks", "tokens", "resampling_events", "dead_particles")}
+        return Result(main.text, main.token_ids, main.finish_reason, main.log_weight,
+                      main.value, stats, main.normalized_weight, particles=results,
+                      log_z=population.log_z, draws=[results[i] for i in population.draws],
+                      ess=group.ess_trace if settings.trace else None,
+                      resampling=population.resampling,
+                      ancestry=[{"uid": p.uid, "parent": p.parent}
+                                for p in population.particles])
 
     def close(self) -> None:
+        for rewriter in self._rewriters.values():
+            rewriter.close()
         self.engine.shutdown()
 
     def __enter__(self) -> "LLM":

@@ -1,31 +1,37 @@
-"""Pre-alignment's engine calls: decoding rewrites (``alignment.prealign`` holds the template,
-guards and cache).
+"""Pre-alignment's engine calls: how a rewrite is decoded (``alignment.prealign`` holds the
+template, guards and cache).
 
 A rewrite is itself a constrained generation: the rewriter's prompt is the P-Aligner exchange
 with the assistant turn started (``ANSWER_PREFIX``), decoded greedily under the rewrite grammar
-(``rewrite_grammar``: bounded length, the end marker last, the instruction's spans demanded
-where few). Where it runs:
+(``rewrite_grammar``: a body bounded in proportion to the instruction, the end marker last, the
+instruction's span demanded where there is one short one). One description of that decode
+(``rewrite_job``) serves every rewriter:
 
-* ``self``: on the engine that answers, in the same batch as the other requests (``LLM``:
-  all prompts' rewrites in one ``generate``; the server: engine requests beside the others);
-* a model (registered name, directory, hub id): on an engine of its own (``LLM`` for the
-  Python API, an ``AsyncLLM`` in the server);
-* a URL: an OpenAI-compatible server run by vLLM or tether, which gets the grammar as
-  ``structured_outputs`` and the started assistant turn through vLLM's
-  ``continue_final_message``.
+* ``self``: the engine that answers, in the same batch as the other requests (``LLM``: all
+  prompts' rewrites in one ``generate``; the server: engine requests beside the others);
+* a model (registered name, directory, hub id): an engine of its own (the caller builds it: an
+  ``LLM`` for the Python API, an ``AsyncLLM`` in the server);
+* a URL: an OpenAI-compatible server run by vLLM or tether (``url_request``), which gets the
+  grammar as ``structured_outputs``, the started assistant turn through vLLM's
+  ``continue_final_message``, and ``tether_pre_align: false`` so that a tether server there
+  does not pre-align the rewrite request in turn (which would recurse when the URL is the
+  server itself, or two servers point at each other).
 
-Identical instructions are rewritten once per batch, and looked up in the aligner's cache
-first. The time a rewrite took (its batch's wall time) is recorded: it is the latency that
-pre-alignment adds.
+A decode under the demanding grammar that did not end is redone under the plain one
+(``needs_plain_retry``), which always can. Identical instructions are rewritten once per batch
+and looked up in the aligner's cache first. The time a rewrite took (its batch's wall time) is
+recorded: it is the latency that pre-alignment adds.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from tether.alignment.prealign import (ANSWER_PREFIX, PreAligner, Rewrite, chars_for_tokens,
-                                       enforceable_span, rewrite_grammar, rewriter_messages)
+from tether.alignment.prealign import (ANSWER_PREFIX, MIN_REWRITE_CHARS, PreAligner, Rewrite,
+                                       chars_for_tokens, enforceable_span, rewrite_grammar,
+                                       rewriter_messages, tokens_for_chars)
 
 
 def rewriter_prompt_ids(tokenizer: Any, instruction: str) -> list[int]:
@@ -45,13 +51,53 @@ def demanded_span(aligner: PreAligner, instruction: str) -> str | None:
     return enforceable_span(instruction) if aligner.guards else None
 
 
+def needs_plain_retry(aligner: PreAligner, instruction: str) -> bool:
+    """Whether a failed decode should be redone under the plain grammar (it demanded a span)."""
+    return demanded_span(aligner, instruction) is not None
+
+
 def grammar_for(aligner: PreAligner, instruction: str, room: int | None = None,
                 demand: bool = True) -> str:
     """The rewrite grammar for ``instruction``; ``room``: tokens left in the rewriter's context
     after its prompt (the body shrinks to fit, so that the marker always fits too);
     ``demand=False``: the plain grammar, for the retry of a decode that did not end."""
-    chars = aligner.max_chars if room is None else min(aligner.max_chars, chars_for_tokens(room))
+    chars = aligner.body_chars(instruction)
+    if room is not None:
+        chars = min(chars, chars_for_tokens(room))
     return rewrite_grammar(chars, demanded_span(aligner, instruction) if demand else None)
+
+
+@dataclass
+class RewriteJob:
+    """One rewrite to decode greedily: prompt, grammar (a ``tether.Grammar``), token bound; or
+    why there is none (``error``)."""
+
+    prompt_ids: list[int]
+    grammar: Any
+    max_tokens: int
+    error: str | None = None
+
+
+def rewrite_job(aligner: PreAligner, instruction: str, tokenizer: Any, max_model_len: int,
+                demand: bool = True) -> RewriteJob:
+    """How to decode the rewrite of ``instruction`` on an engine with ``max_model_len``."""
+    from tether import Grammar
+
+    prompt_ids = rewriter_prompt_ids(tokenizer, instruction)
+    room = max_model_len - len(prompt_ids)
+    if chars_for_tokens(room) < MIN_REWRITE_CHARS:
+        return RewriteJob(prompt_ids, None, 0,
+                          "the instruction leaves the rewriter no room for a rewrite")
+    chars = min(aligner.body_chars(instruction), chars_for_tokens(room))
+    grammar = Grammar(grammar_for(aligner, instruction, room, demand))
+    return RewriteJob(prompt_ids, grammar, min(tokens_for_chars(chars), room))
+
+
+def outcome(finish_reason: str | None, text: str) -> tuple[str, str | None]:
+    """(decoded continuation, error or None) of a finished rewrite decode."""
+    if finish_reason != "stop":
+        return text, f"the rewrite ended with {finish_reason}"
+    return text, None
 
 
 def is_url(rewriter: str) -> bool:
@@ -63,11 +109,14 @@ def rewriter_id(aligner: PreAligner, model: str | None) -> str:
     return str(model) if aligner.rewriter == "self" else aligner.rewriter
 
 
-def align_sync(aligner: PreAligner, instructions: list[str], llm: Any = None) -> list[Rewrite]:
-    """Rewrites of ``instructions``; ``llm`` (a ``tether.LLM``) is the "self" rewriter."""
-    if aligner.rewriter == "self" and llm is None:
-        raise ValueError('the "self" rewriter needs the model that answers: pass its LLM')
-    rid = rewriter_id(aligner, llm.model_path if llm is not None else None)
+def align_sync(aligner: PreAligner, instructions: list[str], engine: Any = None,
+               model: str | None = None) -> list[Rewrite]:
+    """Rewrites of ``instructions``. ``engine`` (a ``tether.LLM``) decodes them: the model
+    that answers for "self", the rewriter model's own for a model (None for a URL);
+    ``model`` names the answering model (the cache's key for "self")."""
+    if not is_url(aligner.rewriter) and engine is None:
+        raise ValueError("a rewriter engine is needed: pass the LLM that rewrites")
+    rid = rewriter_id(aligner, model or getattr(engine, "model_path", None))
     results: list[Rewrite | None] = [aligner.lookup(rid, x) for x in instructions]
     todo = sorted({x for x, r in zip(instructions, results) if r is None})
     if todo:
@@ -75,13 +124,12 @@ def align_sync(aligner: PreAligner, instructions: list[str], llm: Any = None) ->
         if is_url(aligner.rewriter):
             generated = [_http_rewrite(aligner, x) for x in todo]
             generated = [_http_rewrite(aligner, x, demand=False)
-                         if error and demanded_span(aligner, x) else (text, error)
+                         if error and needs_plain_retry(aligner, x) else (text, error)
                          for x, (text, error) in zip(todo, generated)]
         else:
-            engine = llm if aligner.rewriter == "self" else _own_llm(aligner)
             generated = _generate(aligner, engine, todo)
             redo = [i for i, (x, (_, error)) in enumerate(zip(todo, generated))
-                    if error and demanded_span(aligner, x)]
+                    if error and needs_plain_retry(aligner, x)]
             if redo:  # the demanding grammar left no way to end: the plain one always has
                 again = _generate(aligner, engine, [todo[i] for i in redo], demand=False)
                 for i, out in zip(redo, again):
@@ -95,28 +143,20 @@ def align_sync(aligner: PreAligner, instructions: list[str], llm: Any = None) ->
 
 def _generate(aligner: PreAligner, engine: Any, instructions: list[str], demand: bool = True):
     """[(decoded continuation, error or None)] from one batched, greedy, constrained
-    generate."""
-    from tether import Grammar
-
-    room = engine.engine.args.get("max_model_len", 4096)
-    prompts = [rewriter_prompt_ids(engine.tokenizer, x) for x in instructions]
-    grammars = [Grammar(grammar_for(aligner, x, room - len(p), demand))
-                for x, p in zip(instructions, prompts)]
-    longest = max(room - len(p) for p in prompts)  # each grammar ends its rewrite in its room
-    outs = engine.generate(prompts, grammars, max_tokens=min(aligner.max_tokens, longest),
-                           temperature=0.0, seed=0)
-    return [(out.text, None) if out.finish_reason == "stop" else
-            (out.text, f"the rewrite ended with {out.finish_reason}") for out in outs]
-
-
-def _own_llm(aligner: PreAligner) -> Any:
-    """The rewriter model's engine, built once per aligner."""
-    engine = getattr(aligner, "_engine", None)
-    if engine is None:
-        from tether.decode.llm import LLM
-
-        engine = aligner._engine = LLM(aligner.rewriter)
-    return engine
+    generate on ``engine`` (a ``tether.LLM``)."""
+    max_len = engine.engine.args.get("max_model_len", 4096)
+    jobs = [rewrite_job(aligner, x, engine.tokenizer, max_len, demand) for x in instructions]
+    out: list = [(None, job.error) for job in jobs]
+    ready = [i for i, job in enumerate(jobs) if job.error is None]
+    if ready:
+        # one batch: each grammar ends its rewrite within its own bound
+        results = engine.generate([jobs[i].prompt_ids for i in ready],
+                                  [jobs[i].grammar for i in ready],
+                                  max_tokens=max(jobs[i].max_tokens for i in ready),
+                                  temperature=0.0, seed=0)
+        for i, r in zip(ready, results):
+            out[i] = outcome(r.finish_reason, r.text)
+    return out
 
 
 def url_request(aligner: PreAligner, instruction: str, model: str,
@@ -126,9 +166,10 @@ def url_request(aligner: PreAligner, instruction: str, model: str,
             "messages": rewriter_messages(instruction) + [
                 {"role": "assistant", "content": ANSWER_PREFIX}],
             "continue_final_message": True, "add_generation_prompt": False,
-            "temperature": 0.0, "max_tokens": aligner.max_tokens,
-            "structured_outputs": {"grammar": grammar_for(aligner, instruction,
-                                                          demand=demand)}}
+            "temperature": 0.0,
+            "max_tokens": tokens_for_chars(aligner.body_chars(instruction)),
+            "structured_outputs": {"grammar": grammar_for(aligner, instruction, demand=demand)},
+            "vllm_xargs": {"tether_pre_align": False}}
 
 
 def _reply(reply: dict) -> tuple[str | None, str | None]:
@@ -136,9 +177,7 @@ def _reply(reply: dict) -> tuple[str | None, str | None]:
     choice = reply["choices"][0]
     text = choice["message"]["content"] or ""
     text = text[len(ANSWER_PREFIX):] if text.startswith(ANSWER_PREFIX) else text
-    if choice.get("finish_reason") != "stop":
-        return text, f"the rewrite ended with {choice.get('finish_reason')}"
-    return text, None
+    return outcome(choice.get("finish_reason"), text)
 
 
 def _http_rewrite(aligner: PreAligner, instruction: str,

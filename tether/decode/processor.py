@@ -24,9 +24,18 @@ parameters, untruncated at exactly those steps. Built-in processors run before t
 (min-tokens, logit bias, allowed tokens and bad words shape the logits AWRS sees).
 
 Bounded cost. Each particle carries a time budget for its constraint (``budget_s``, what is
-left of its lineage's); each step of a row gets at most ``STEP_LIMIT_S`` of it. Checks run
-under that deadline (``constraints.budget``): a check that runs out ends the particle with the
-reason ``budget``; it never counts as a rejection. The bounded-cost fallback (the full mask
+left of its lineage's). Within one engine step, time is granted in three layers
+(``StepGrants``): a row gets at most ``STEP_LIMIT_S``; the rows of one population (one
+request's particles for one prompt) share ``POPULATION_STEP_S``; all constrained rows of the
+step share ``STEP_TOTAL_S``, past which each further row still gets ``ROW_FLOOR_S`` (far more
+than a JSON check needs: about 0.1 ms). So one step spends at most ``STEP_TOTAL_S`` plus
+``ROW_FLOOR_S`` per row on constraints, however many particles a request brings. Checks run
+under the row's grant (``constraints.budget``): a check that runs out ends the particle with
+the reason ``budget``; it never counts as a rejection. A population whose share of the step
+is used up ends its remaining rows with ``budget`` at once (it would fail anyway: its SMC
+weights are unknown once one particle fails). Constraints are compiled before their requests
+reach the engine (``records.prepare_local``, called by the server): a step finds them in the
+compile cache. The bounded-cost fallback (the full mask
 after ``max_rejections``) is used only where the mask is cheap (llguidance); constraints
 checked on text (partial matching, predicates) keep sampling candidates instead, which never
 costs more than the mask would and stops at the deadline.
@@ -71,6 +80,9 @@ DEFAULT_MAX_REJECTIONS = 16
 DEFAULT_BUDGET_S = 10.0  # constraint seconds per particle (its lineage through resampling)
 STEP_LIMIT_S = 0.5  # constraint seconds one row may take in one engine step (a full
 # scan of a 49k vocabulary by partial matching takes about 0.1 s here)
+POPULATION_STEP_S = 0.5  # ... all rows of one population together, in one engine step
+STEP_TOTAL_S = 1.0  # ... all constrained rows of one engine step, before the floor applies
+ROW_FLOOR_S = 0.005  # ... what each row still gets once STEP_TOTAL_S is used up
 MAX_COIN_RATIO = 16.0  # see samplers.awrs: bounded mode replaces a lopsided coin flip by the mask
 SAMPLERS = ("awrs", "lcd")
 EXTRA_KEY = "tether"
@@ -83,6 +95,7 @@ class ParticleConfig:
     ``prefix``: output tokens this particle had already generated before it was (re)submitted
     with them appended to its prompt (SMC resampling); steps are numbered from ``len(prefix)``.
     ``budget_s``: constraint seconds this particle may still spend (None: no limit).
+    ``population``: what the particles of one SMC population share (their per-step time).
     """
 
     spec: dict
@@ -93,6 +106,7 @@ class ParticleConfig:
     seed: int = 0
     prefix: tuple[int, ...] = field(default_factory=tuple)
     budget_s: float | None = DEFAULT_BUDGET_S
+    population: str | None = None
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -114,7 +128,7 @@ class ParticleConfig:
         return {EXTRA_KEY: {"spec": self.spec, "key": self.key, "sampler": self.sampler,
                             "estimator": self.estimator, "max_rejections": self.max_rejections,
                             "seed": self.seed, "prefix": list(self.prefix),
-                            "budget_s": self.budget_s}}
+                            "budget_s": self.budget_s, "population": self.population}}
 
     @classmethod
     def from_extra_args(cls, extra: dict | None) -> "ParticleConfig | None":
@@ -124,7 +138,7 @@ class ParticleConfig:
         if not isinstance(raw, dict) or "spec" not in raw or "key" not in raw:
             raise ValueError("extra_args['tether'] needs at least 'spec' and 'key'")
         known = {"spec", "key", "sampler", "estimator", "max_rejections", "seed", "prefix",
-                 "budget_s"}
+                 "budget_s", "population"}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"unknown extra_args['tether'] fields: {', '.join(sorted(unknown))}")
@@ -132,7 +146,8 @@ class ParticleConfig:
                    estimator=raw.get("estimator", "recursive"),
                    max_rejections=raw.get("max_rejections", DEFAULT_MAX_REJECTIONS),
                    seed=int(raw.get("seed", 0)), prefix=tuple(raw.get("prefix", ())),
-                   budget_s=raw.get("budget_s", DEFAULT_BUDGET_S))
+                   budget_s=raw.get("budget_s", DEFAULT_BUDGET_S),
+                   population=raw.get("population"))
 
 
 class _Row:
@@ -255,6 +270,41 @@ class _Row:
                                *self.penalties)
 
 
+class StepGrants:
+    """The constraint time rows may take in one engine step (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.left = STEP_TOTAL_S
+        self.population_left: dict[str | None, float] = {}
+
+    def grant(self, row: _Row) -> float:
+        """Seconds ``row`` may spend now; 0 when its population's share is used up."""
+        population = self.population_left.get(row.cfg.population, POPULATION_STEP_S)
+        return max(0.0, min(row.allowance(), population, max(ROW_FLOOR_S, self.left)))
+
+    def charge(self, row: _Row, seconds: float) -> None:
+        self.left -= seconds
+        key = row.cfg.population
+        self.population_left[key] = self.population_left.get(key, POPULATION_STEP_S) - seconds
+
+
+def _run_granted(row: _Row, seconds: float, work) -> Any:
+    """``work()`` under a deadline of ``seconds``; a row that overruns (or got no time) ends
+    with ``budget``, one that raises with ``error`` (isolation); returns None then."""
+    if seconds <= 0.0:
+        row.fail("budget", "its population used up its constraint time for this engine step "
+                 f"({POPULATION_STEP_S} s, shared by the population's particles)")
+        return None
+    try:
+        with budget.deadline(seconds):
+            return work()
+    except budget.BudgetExceeded as e:
+        row.fail("budget", f"{e} (granted {seconds * 1000:.0f} ms in this engine step)")
+    except Exception as e:  # isolation: see the module docstring
+        row.fail("error", f"{type(e).__name__}: {e}")
+    return None
+
+
 class AWRSLogitsProcessor(LogitsProcessor):
     """vLLM V1 logits processor running AWRS for requests with ``extra_args['tether']``."""
 
@@ -311,23 +361,21 @@ class AWRSLogitsProcessor(LogitsProcessor):
             return logits
         forced: dict[int, int] = {}
         live: list[tuple[int, _Row]] = []
+        grants = StepGrants()
         for i in indices:
             row = self.rows[i]
             t0 = time.perf_counter()
-            try:
-                with budget.deadline(row.allowance()):
-                    row.sync()
-            except budget.BudgetExceeded as e:
-                row.fail("budget", str(e))
-            except Exception as e:  # isolation: see the module docstring
-                row.fail("error", f"{type(e).__name__}: {e}")
-            row.spent += time.perf_counter() - t0
+            if not row.failed:
+                _run_granted(row, grants.grant(row), row.sync)
+            elapsed = time.perf_counter() - t0
+            row.spent += elapsed
+            grants.charge(row, elapsed)
             if row.failed:
                 forced[i] = self._end(row)
             else:
                 live.append((i, row))
         if live:
-            forced.update(self._decide(logits, live))
+            forced.update(self._decide(logits, live, grants))
         index_t = torch.tensor(list(forced), device=logits.device)
         logits.index_fill_(0, index_t, float("-inf"))
         logits[index_t, torch.tensor(list(forced.values()), device=logits.device)] = 0.0
@@ -352,7 +400,8 @@ class AWRSLogitsProcessor(LogitsProcessor):
         return rank_batch(logprobs, [r.seed for _, r in rows], [r.step for _, r in rows],
                           CANDIDATES, noise=[not r.greedy for _, r in rows])
 
-    def _decide(self, logits: torch.Tensor, live: list[tuple[int, _Row]]) -> dict[int, int]:
+    def _decide(self, logits: torch.Tensor, live: list[tuple[int, _Row]],
+                grants: StepGrants) -> dict[int, int]:
         from tether.decode.records import StepRecord
 
         t0 = time.perf_counter()
@@ -364,27 +413,28 @@ class AWRSLogitsProcessor(LogitsProcessor):
         forced = {}
         for j, (i, row) in enumerate(live):
             t1 = time.perf_counter()
-            untruncated = False
-            try:
-                with budget.deadline(row.allowance()):
-                    stream = ranked.stream(j) if ranked is not None else \
-                        self._rank(logits, [(i, row)], truncate=True).stream(0)
-                    result = row.decide(stream)
-                    if result.dead and row.truncates:
-                        # Nothing allowed inside the truncation: redo on the full distribution.
-                        stream = self._rank(logits, [(i, row)], truncate=False).stream(0)
-                        result, untruncated = row.decide(stream), True
-            except budget.BudgetExceeded as e:
-                row.fail("budget", str(e))
-            except Exception as e:  # isolation: see the module docstring
-                row.fail("error", f"{type(e).__name__}: {e}")
+
+            def step(j=j, i=i, row=row):
+                stream = ranked.stream(j) if ranked is not None else \
+                    self._rank(logits, [(i, row)], truncate=True).stream(0)
+                result = row.decide(stream)
+                if result.dead and row.truncates:
+                    # Nothing allowed inside the truncation: redo on the full distribution.
+                    stream = self._rank(logits, [(i, row)], truncate=False).stream(0)
+                    return row.decide(stream), True, stream
+                return result, False, stream
+
+            decided = _run_granted(row, grants.grant(row), step)
             elapsed = time.perf_counter() - t1
-            if row.failed:
+            if decided is None:
                 row.spent += elapsed
+                grants.charge(row, elapsed)
                 forced[i] = self._end(row)
                 continue
+            result, untruncated, stream = decided
             constraint_s = max(0.0, elapsed - stream.device_seconds)
             row.spent += constraint_s
+            grants.charge(row, constraint_s)
             token = result.token
             if token is None:
                 token = row.stop_token

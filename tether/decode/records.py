@@ -1,4 +1,5 @@
-"""Per-particle records written by the AWRS logits processor, and how callers collect them.
+"""What the engines' workers hold for the caller: the per-particle records the AWRS logits
+processor writes, and compiled constraints; and how callers reach both.
 
 Where records live. The processor runs inside vLLM's workers; each worker process keeps a
 module-level store, keyed by the particle's request id. A record holds one entry per decoding
@@ -32,12 +33,24 @@ request (``smc.SMCDriver`` checks completeness), never a weight of 1.
 Steps of discarded samples. A step computed for a sample that vLLM then discards (a partial
 prefill chunk) is overwritten when the step is computed for real, so the entries for steps
 0..n-1 of an output with n tokens are exactly the decisions behind it.
+
+Compiling before a request reaches the engine. A constraint the engine has not seen would be
+compiled inside an engine step (``processor._Row``), holding every request of the batch for as
+long as that takes. So the server first asks every worker to compile it (``prepare_async``):
+each worker compiles in a background thread of its own (one at a time) while the engine keeps
+stepping, and answers ``ready`` once the constraint is in its compile cache; only then are the
+particles submitted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import hashlib
+import json
 import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
@@ -137,6 +150,36 @@ def count_local() -> int:
         return len(_STORE)
 
 
+_COMPILER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tether-prepare")
+_PREPARED: "OrderedDict[str, concurrent.futures.Future]" = OrderedDict()
+MAX_PREPARED = 256  # the compile cache (constraints.base) holds 512
+
+
+def prepare_local(tokenizer: str, specs: list[dict]) -> list[str]:
+    """For each wire spec: "ready" (compiled in this process), "pending" (compiling in the
+    background), or "error: ..." (it failed to compile here)."""
+    from tether.constraints import Spec, compile_constraint, vocab_for
+
+    answers = []
+    with _LOCK:
+        for wire in specs:
+            key = hashlib.sha256(json.dumps(wire, sort_keys=True).encode()).hexdigest()
+            future = _PREPARED.get(key)
+            if future is None:
+                future = _PREPARED[key] = _COMPILER.submit(
+                    lambda w=wire: compile_constraint(Spec.from_wire(w), vocab_for(tokenizer)))
+                while len(_PREPARED) > MAX_PREPARED:
+                    _PREPARED.popitem(last=False)
+            _PREPARED.move_to_end(key)
+            if not future.done():
+                answers.append("pending")
+            elif future.exception() is not None:
+                answers.append(f"error: {future.exception()}")
+            else:
+                answers.append("ready")
+    return answers
+
+
 class TetherWorkerExtension:
     """Mixed into vLLM's worker (``worker_extension_cls``) to reach the records by RPC."""
 
@@ -145,6 +188,9 @@ class TetherWorkerExtension:
 
     def tether_count_records(self) -> int:
         return count_local()
+
+    def tether_prepare(self, specs: list[dict]) -> list[str]:
+        return prepare_local(self.vllm_config.model_config.tokenizer, specs)
 
 
 # -- the caller side ------------------------------------------------------------------------------
@@ -192,6 +238,28 @@ async def count_async(async_llm) -> int:
     """Records held by every engine's workers (first rank of each engine)."""
     per_engine = await _all_engines(async_llm, "tether_count_records", ())
     return sum(workers[0] if workers else 0 for workers in per_engine)
+
+
+async def prepare_async(async_llm, specs: list[dict], timeout: float) -> None:
+    """Return once every worker of every engine has compiled ``specs`` (wire specs); polls
+    with a growing interval. Raises ``RuntimeError`` if a worker fails to compile one (the
+    caller compiled it already, so that is a worker's fault) and ``TimeoutError`` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    wait = 0.002
+    while True:
+        answers = [a for engine in await _all_engines(async_llm, "tether_prepare", (specs,))
+                   for worker in engine for a in worker]
+        failed = [a for a in answers if a.startswith("error")]
+        if failed:
+            raise RuntimeError(f"an engine could not compile the constraint ({failed[0]})")
+        if all(a == "ready" for a in answers):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the engines took over {timeout:.0f} s to compile the "
+                               "constraint")
+        await asyncio.sleep(wait)
+        wait = min(0.05, wait * 2)
 
 
 async def _all_engines(async_llm, method: str, args: tuple) -> list[list]:

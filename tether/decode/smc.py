@@ -19,7 +19,8 @@ step, 0 never:
 * a particle chosen c times continues as itself and spawns c - 1 copies; a copy is a new
   request whose prompt is the original prompt plus the ancestor's first t tokens (vLLM's prefix
   cache makes only the unshared tail prefill again; ``prefill_tokens`` in each resampling event
-  counts what was computed), with the ancestor's tokens as its ``prefix`` so the processor
+  counts what the engines computed for every copy it made, including copies that a later
+  resampling discarded), with the ancestor's tokens as its ``prefix`` so the processor
   rebuilds the constraint state; a particle chosen 0 times is aborted;
 * copies of a finished particle are finished copies; no request is needed.
 
@@ -36,9 +37,10 @@ compute a cached prefix and an uncached one slightly differently, enough to flip
 Records (``decode.records``). After each round of engine outputs the driver collects, in one
 exchange with every engine, the new steps of live particles (only where resampling needs them:
 populations of more than one particle) and the whole records of particles that finished or
-were aborted. A finished particle must have a record for every token it generated: a missing
-one makes the particle, and its request, fail with the reason ``error``; no weight is ever
-assumed.
+were aborted. A finished particle must have a record for every token it generated, and each
+record must be of the token the particle holds at that step: a missing or mismatched one makes
+the particle, and its request, fail with the reason ``error``; no weight is ever assumed.
+Records are keyed by request ids this driver makes (``run_id``, never a client's id).
 
 Failures. A particle whose constraint ran out of its time budget or raised is ended by the
 processor with the reason ``budget`` or ``error``. Its weight is then unknown, so its whole
@@ -50,11 +52,17 @@ parallelism), where the prefix cache holds the ancestor's prompt and tokens.
 
 Budgets. Each particle's lineage may spend ``budget_s`` seconds in its constraint: a copy gets
 what its ancestor's first t steps left.
+
+Front ends. ``run_sync`` drives vLLM's synchronous ``LLMEngine`` step by step (the Python API);
+``run_async`` drives ``AsyncLLM`` streams (the server), one round per batch of outputs, and
+yields after each round so that a caller can stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -64,9 +72,11 @@ import numpy as np
 
 from tether.decode.engine import on_gpu
 from tether.decode.processor import DEFAULT_BUDGET_S, ParticleConfig
-from tether.decode.records import StepRecord, exchange
+from tether.decode.records import StepRecord, exchange, exchange_async
 from tether.samplers import resampling
 from tether.samplers.gumbel import mix_seed
+
+log = logging.getLogger("tether.smc")
 
 
 @dataclass
@@ -103,6 +113,7 @@ class Particle:
     parent: int | None = None
     engine: int | None = None  # data-parallel rank of the engine that ran its last request
     failure: dict | None = None  # {"reason", "message", "step"} when budget or error
+    born: dict | None = None  # the resampling event that made this copy
 
     @property
     def finished(self) -> bool:
@@ -142,26 +153,31 @@ class Group:
 class SMCDriver:
     """The bookkeeping of prompts x particles, independent of how the engine is driven.
 
-    ``backend`` submits and aborts engine requests: ``submit(request_id, prompt, params,
-    engine)`` (``engine``: a data-parallel rank to route to, or None) and ``abort(request_id)``.
-    ``run_sync`` drives vLLM's ``LLMEngine`` step by step; the server drives ``AsyncLLM``
-    streams (``decode.serve``). Either loop feeds engine outputs to ``on_outputs``, exchanges
-    records for ``wanted(changed)`` (steps to read, records to pop), and hands them to
-    ``after_read``, which finishes particles and resamples; at the end it pops ``unpopped()``
-    and calls ``finish_run``.
+    The front end that runs it (``run_sync``: vLLM's ``LLMEngine`` step by step; ``run_async``:
+    ``AsyncLLM`` streams) sets ``backend``, which submits and aborts engine requests:
+    ``submit(request_id, prompt, params, engine)`` (``engine``: a data-parallel rank to route
+    to, or None) and ``abort(request_id)``. Either loop feeds engine outputs to
+    ``on_outputs``, exchanges records for ``wanted(changed)`` (steps to read, records to pop),
+    and hands them to ``after_read``, which finishes particles and resamples; at the end it
+    pops ``unpopped()`` and calls ``finish_run``.
+
+    ``extra_args``: the caller's own ``SamplingParams.extra_args`` (a server request's other
+    ``vllm_xargs``), given to every particle's request beside tether's.
     """
 
-    def __init__(self, backend: Any, prompt_ids: list[list[int]], constraints: list[Any],
+    def __init__(self, prompt_ids: list[list[int]], constraints: list[Any],
                  settings: SMCSettings, *, seed: int, max_tokens: int, sampler: str,
                  estimator: str, max_rejections: int | None, sampling: dict,
-                 run_id: str | None = None, budget_s: float | None = DEFAULT_BUDGET_S):
-        self.backend = backend
+                 run_id: str | None = None, budget_s: float | None = DEFAULT_BUDGET_S,
+                 extra_args: dict | None = None):
+        self.backend: Any = None
         self.settings = settings
         self.max_tokens = max_tokens
         self.sampler, self.estimator, self.max_rejections = sampler, estimator, max_rejections
         self.budget_s = budget_s
         self.sampling = sampling
-        self.run_id = run_id or uuid.uuid4().hex[:10]
+        self.extra_args = dict(extra_args or {})  # the caller's own, passed to every request
+        self.run_id = run_id or uuid.uuid4().hex
         self.uids = itertools.count()
         self.by_request: dict[str, tuple[Group, Particle]] = {}
         self.constrained: set[str] = set()  # record keys of constrained requests not yet popped
@@ -180,7 +196,7 @@ class SMCDriver:
             particle.finish_reason = "length"
             return
         request_id = f"{self.run_id}-{group.index}-{particle.uid}"
-        extra = None
+        extra = dict(self.extra_args) or None
         if group.constraint is not None:
             left = None
             if self.budget_s is not None:  # what the lineage's first steps left
@@ -190,14 +206,15 @@ class SMCDriver:
                                  sampler=self.sampler, estimator=self.estimator,
                                  max_rejections=self.max_rejections,
                                  seed=mix_seed(group.seed, particle.uid),
-                                 prefix=tuple(particle.tokens), budget_s=left)
-            extra = cfg.to_extra_args()
+                                 prefix=tuple(particle.tokens), budget_s=left,
+                                 population=f"{self.run_id}-{group.index}")
+            extra = dict(extra or {}, **cfg.to_extra_args())
             self.constrained.add(request_id)
         # Constrained rows are forced, so vLLM's own generator does not matter for them; for
         # the others a per-request seed is used on GPUs only: on the CPU, vLLM 0.32 crashes
         # when a seeded request's sample is discarded ("CPU Generator does not use offset").
         sampling = dict(self.sampling)
-        if extra is not None or not on_gpu():
+        if group.constraint is not None or not on_gpu():
             sampling.pop("seed", None)
         elif "seed" not in sampling:
             sampling["seed"] = mix_seed(group.seed, particle.uid) % (2 ** 31)
@@ -240,6 +257,8 @@ class SMCDriver:
             if particle.prefill_tokens is None:
                 prompt_len = len(out.prompt_token_ids or [])
                 particle.prefill_tokens = prompt_len - (out.num_cached_tokens or 0)
+                if particle.born is not None:
+                    particle.born["prefill_tokens"] += particle.prefill_tokens
             changed.append((group, particle, out.finished, completion))
         return changed
 
@@ -303,6 +322,12 @@ class SMCDriver:
             particle.steps.append(None)
         for i, step in record.steps.items():
             if particle.offset <= i < len(particle.tokens):
+                if step.token != particle.tokens[i] and particle.failure is None:
+                    particle.failure = {
+                        "reason": "error", "step": i,
+                        "message": f"the record of step {i} of particle {particle.key} is of "
+                        f"token {step.token}, the output has {particle.tokens[i]}; its weight "
+                        "is unknown"}
                 particle.steps[i] = step
         if record.failure is not None and particle.failure is None:
             particle.failure = record.failure
@@ -373,7 +398,9 @@ class SMCDriver:
         group.particles = survivors + clones
         group.last_resample = t
         event = {"time": t, "ess": ess, "ancestors": [int(a) for a in ancestors],
-                 "clones": [(c.uid, c.parent) for c in clones]}
+                 "clones": [(c.uid, c.parent) for c in clones], "prefill_tokens": 0}
+        for clone in clones:
+            clone.born = event
         group.resamples.append(event)
 
     def _clone(self, group: Group, parent: Particle, t: int) -> Particle:
@@ -385,13 +412,6 @@ class SMCDriver:
         child.tokens, child.steps = list(parent.tokens[:t]), list(parent.steps[:t])
         self._submit(group, child, engine=parent.engine)  # where its prefix is cached
         return child
-
-
-def prefill_per_resampling(group: Group) -> list[int]:
-    """Prompt tokens the engine computed for the copies made at each resampling event."""
-    by_uid = {p.uid: p for p in group.particles}
-    return [sum((by_uid[c].prefill_tokens or 0) for c, _ in event["clones"] if c in by_uid)
-            for event in group.resamples]
 
 
 class EngineBackend:
@@ -409,6 +429,7 @@ class EngineBackend:
 
 def run_sync(driver: SMCDriver, engine: Any) -> list[Group]:
     """Drive ``engine`` (an ``LLMEngine``) step by step until every particle has finished."""
+    driver.backend = EngineBackend(engine)
     driver.start()
     try:
         while engine.has_unfinished_requests():
@@ -419,3 +440,115 @@ def run_sync(driver: SMCDriver, engine: Any) -> list[Group]:
             driver._abort(particle)
         records = exchange(engine, {}, driver.unpopped())
     return driver.finish_run(records)
+
+
+# -- the asynchronous front end (the server) ----------------------------------------------------
+
+_STREAM_END = object()  # a particle's stream has ended (wakes the loop)
+
+
+class AsyncBackend:
+    """Submits particles as ``AsyncLLM.generate`` streams feeding one queue."""
+
+    def __init__(self, engine: Any, kwargs: dict):
+        self.engine, self.kwargs = engine, kwargs
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    def submit(self, request_id: str, prompt: dict, params: Any, engine: int | None) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.CUMULATIVE
+        kwargs = dict(self.kwargs)
+        local = _local_engine_index(self.engine, engine)
+        if local is not None:  # route a copy to the engine that holds its ancestor's prefix
+            kwargs["data_parallel_rank"] = local
+        self.tasks[request_id] = asyncio.ensure_future(
+            self._consume(request_id, prompt, params, kwargs))
+
+    async def _consume(self, request_id: str, prompt: dict, params: Any, kwargs: dict) -> None:
+        try:
+            async for out in self.engine.generate(prompt, params, request_id, **kwargs):
+                self.queue.put_nowait(out)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # validation errors, engine failures: the loop re-raises them
+            self.queue.put_nowait(e)
+        finally:
+            self.tasks.pop(request_id, None)
+            self.queue.put_nowait(_STREAM_END)
+
+    def abort(self, request_id: str) -> None:
+        task = self.tasks.pop(request_id, None)
+        if task is not None:
+            task.cancel()  # generate() aborts the engine request when cancelled
+
+    def cancel_all(self) -> list[asyncio.Task]:
+        tasks = list(self.tasks.values())
+        for request_id in list(self.tasks):
+            self.abort(request_id)
+        return tasks
+
+
+def _local_engine_index(async_llm: Any, rank: int | None) -> int | None:
+    """The index, among the engines this API server's client manages, of the engine with
+    data-parallel rank ``rank`` (what ``generate(data_parallel_rank=...)`` takes); None when
+    there is nothing to route (one engine, or an engine this client does not manage)."""
+    if rank is None:
+        return None
+    core = getattr(async_llm, "engine_core", None)
+    if not hasattr(core, "reqs_in_flight"):  # not vLLM's load-balancing data-parallel client
+        return None
+    identity = int(rank).to_bytes(2, "little")
+    engines = getattr(core, "core_engines", [])
+    return engines.index(identity) if identity in engines else None
+
+
+_REAPING: set[asyncio.Task] = set()  # record collections still running after a cancel
+
+
+async def run_async(driver: SMCDriver, engine: Any, kwargs: dict):
+    """Drive ``engine`` (vLLM's ``AsyncLLM``) until every particle has finished; an async
+    generator that yields after each round of outputs (for streaming). ``kwargs`` go to every
+    ``generate`` call. When it is cancelled (the client left) or fails, every particle is
+    aborted and, once the aborts have reached the engines, every record they left is popped.
+    The groups are ``driver.groups`` afterwards."""
+    backend = AsyncBackend(engine, kwargs)
+    driver.backend = backend
+    finished = False
+    try:
+        driver.start()
+        while backend.tasks or not backend.queue.empty():
+            items = [await backend.queue.get()]
+            items += [backend.queue.get_nowait() for _ in range(backend.queue.qsize())]
+            for item in items:
+                if isinstance(item, Exception):
+                    raise item
+            outputs = [item for item in items if item is not _STREAM_END]
+            if not outputs:
+                continue
+            changed = driver.on_outputs(outputs)
+            driver.after_read(changed, await exchange_async(engine, *driver.wanted(changed)))
+            yield changed
+        driver.finish_run(await exchange_async(engine, {}, driver.unpopped()))
+        finished = True
+    finally:
+        tasks = backend.cancel_all()
+        if not finished:
+            _reap(engine, tasks, driver.unpopped())
+
+
+def _reap(engine: Any, tasks: list[asyncio.Task], keys: list[str]) -> None:
+    """Once the aborted particles' streams have ended (so that their aborts reached the
+    engines first), pop every record they left there."""
+    async def reap() -> None:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await exchange_async(engine, {}, keys)
+        except Exception as e:  # the engine is shutting down
+            log.warning("could not collect %d particle records: %s", len(keys), e)
+
+    if keys:
+        task = asyncio.ensure_future(reap())
+        _REAPING.add(task)
+        task.add_done_callback(_REAPING.discard)
