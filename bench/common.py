@@ -56,9 +56,14 @@ def versions(*packages: str) -> dict[str, str]:
 
 def start_server(cmd: list[str], port: int, log: Path, timeout: float = 900,
                  env: dict | None = None) -> subprocess.Popen:
-    """Start ``cmd`` and wait until it answers /health on ``port``."""
+    """Start ``cmd`` and wait until it answers /health on ``port``. The server gets SIGTERM
+    when the bench dies, however it dies (Linux's PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=dict(os.environ, **(env or {})))
+                            env=dict(os.environ, **(env or {})),
+                            preexec_fn=lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM))
     deadline = time.time() + timeout
     while True:
         if proc.poll() is not None:

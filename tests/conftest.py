@@ -82,6 +82,15 @@ SERVER_ARGS = ["--sampler", "awrs", "--max-model-len", "1024", "--dtype", "float
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
+def _die_with_parent() -> None:
+    """In a child before exec: SIGTERM when the test process dies, even by SIGKILL, so that a
+    killed test run leaves no server behind (Linux's PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def running(cmds: list[list[str]], log_dir: Path, port: int, timeout: float = 600):
     """Start ``cmds`` (the first one serves HTTP on ``port``), wait for /health, yield the base
@@ -93,7 +102,7 @@ def running(cmds: list[list[str]], log_dir: Path, port: int, timeout: float = 60
         log = log_dir / f"server-{i}.log"
         with open(log, "w") as fh:
             procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True))
+                                          start_new_session=True, preexec_fn=_die_with_parent))
         logs.append(log)
     base = f"http://127.0.0.1:{port}"
     try:
