@@ -36,6 +36,7 @@ import contextvars
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator
 
@@ -52,6 +53,7 @@ log = logging.getLogger("tether.serve")
 REQUEST_SCOPE: contextvars.ContextVar[RequestScope | None] = contextvars.ContextVar(
     "tether_request_scope", default=None)
 COMPILE_TIMEOUT_S = 60.0  # an engine that takes longer to compile a constraint fails it
+PREPARED_REMEMBERED = 128  # constraints known compiled in every engine (they keep 256)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class TetherEngineClient:
         self._rewrites_in_flight: dict[tuple, asyncio.Future] = {}
         self._rewrite_slots = asyncio.Semaphore(settings.pre_align_concurrency)
         self._rewrites_waiting = 0
+        self._prepared: OrderedDict = OrderedDict()  # specs every engine has compiled
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -140,13 +143,20 @@ class TetherEngineClient:
             yield out
 
     async def _compile(self, spec: Any) -> Any:
-        """Compile ``spec`` here (a bad one raises ``ConstraintError``), then in every engine."""
+        """Compile ``spec`` here (a bad one raises ``ConstraintError``), then in every engine,
+        unless every engine already answered that it has it (each such call waits for an
+        engine step; an engine that dropped it since compiles it again in a step)."""
         from tether.constraints import compile_constraint
 
         loop = asyncio.get_running_loop()
         constraint = await loop.run_in_executor(self.pool, compile_constraint, spec,
                                                 self.tokenizer_path)
-        await prepare_async(self._engine, [constraint.spec.to_wire()], COMPILE_TIMEOUT_S)
+        if constraint.spec not in self._prepared:
+            await prepare_async(self._engine, [constraint.spec.to_wire()], COMPILE_TIMEOUT_S)
+            self._prepared[constraint.spec] = None
+            while len(self._prepared) > PREPARED_REMEMBERED:
+                self._prepared.popitem(last=False)
+        self._prepared.move_to_end(constraint.spec)
         return constraint
 
     async def decode(self, prompt_ids: list[int], params: Any, request_id: str,
