@@ -18,6 +18,9 @@ from tether.alignment.prealign import (ANSWER_PREFIX, END_MARKER, REWRITE_TEMPLA
                                        parse_rewrite, protected_spans, replace_last_user_turn,
                                        rewrite_grammar, user_text)
 
+# why a rewrite may go unused, as PreAligner.judge words it
+REASONS = ("missing span", "similarity", "unchanged", "empty rewrite", "rewriter error",
+           "guard error", "busy", "format", "the instruction leaves")
 INSTRUCTION = "Summarize https://example.org/report in 3 bullet points and quote \"net zero\"."
 
 
@@ -231,7 +234,8 @@ def test_python_api_rewrites_then_answers(llm):
                                     "Name 3 fruits."], llm)
     for r in rewrites:
         assert isinstance(r, Rewrite) and r.rewrite is not None  # the format never fails
-        assert r.reason is None or r.reason.startswith(("missing span", "similarity", "unchan"))
+        assert (r.reason is None) == r.used
+        assert r.used or r.reason.startswith(("missing span", "similarity", "unchanged"))
     if rewrites[0].used:  # the guards keep the number
         assert "3" in rewrites[0].text
     assert rewrites[0].rewrite == rewrites[2].rewrite  # identical instructions: one rewrite
@@ -261,7 +265,9 @@ def test_cli_align(tmp_path):
                                                "Tell a joke."]
     for line in lines:
         assert set(line) >= {"raw", "rewrite", "used", "reason", "similarity", "seconds"}
-        assert line["rewrite"] is not None and (line["used"] or line["reason"])
+        assert line["rewrite"] is not None
+        assert (line["reason"] is None) == line["used"]  # a reason exactly when not used
+        assert line["used"] or line["reason"].startswith(REASONS)
     bad = subprocess.run([tether_cli, "align"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "give one instruction" in bad.stderr
 
@@ -283,7 +289,8 @@ def test_serve_pre_align_through_openai(tmp_path_factory):
                                            seed=0, extra_body={"return_token_ids": True})
         info = r.model_extra["tether"]["pre_align"]
         assert info["raw"] == "Name 3 colours." and info["rewrite"] is not None
-        assert info["used"] or info["reason"]
+        assert (info["reason"] is None) == info["used"]  # a reason exactly when not used
+        assert info["used"] or info["reason"].startswith(REASONS)
         # nothing tells a client whether someone asked the same before
         assert "cached" not in info and "seconds" not in info
         # the engine answered the text the field reports: the rewrite when used
