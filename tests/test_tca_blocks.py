@@ -68,9 +68,10 @@ def make_manager(caching: bool = True, spec=None) -> KVCacheManager:
                           hash_block_size=BS, enable_caching=caching)
 
 
-def make_request(req_id: str, prompt: list[int], extra_args: dict | None = None) -> Request:
+def make_request(req_id: str, prompt: list[int], extra_args: dict | None = None,
+                 resumable: bool = False) -> Request:
     params = SamplingParams(max_tokens=200, extra_args=extra_args)
-    return Request(req_id, prompt, params, None,
+    return Request(req_id, prompt, params, None, resumable=resumable,
                    block_hasher=get_request_block_hasher(BS, sha256))
 
 
@@ -397,6 +398,7 @@ def test_opt_out_flag():
     assert opts_out(make_request("a", [1], {"tether_tca": False}))
     with pytest.raises(ValueError, match="tether_tca"):
         opts_out(make_request("a", [1], {"tether_tca": "no"}))
+    assert opts_out(make_request("a", [1], resumable=True))
 
 
 # ----------------------------------------------------------------------------- real scheduler

@@ -117,7 +117,8 @@ class CompactionSettings:
                 "the last query_window tokens are always kept")
 
     def target_start(self, length: int) -> int:
-        """``P_new = max(0, floor((L - K_target)/bs)*bs)``, ``K_target = max(min_keep, ceil(f*L))``."""
+        """``P_new = max(0, floor((L - K_target)/bs)*bs)``, ``K_target = max(min_keep, ceil(f*L))``.
+        """
         keep = max(self.min_keep, math.ceil(Fraction(str(self.kv_budget)) * length))
         return max(0, (length - keep) // self.block_size * self.block_size)
 
@@ -212,7 +213,8 @@ def compact_blocks(kv_cache_manager: KVCacheManager, req_id: str, *, length: int
     manager = _full_attention_manager(kv_cache_manager)
     bs = manager.block_size
     if start_old % bs or start_new % bs:
-        raise ValueError(f"starts must be multiples of the block size {bs}: {start_old}, {start_new}")
+        raise ValueError(
+            f"starts must be multiples of the block size {bs}: {start_old}, {start_new}")
     if not 0 <= start_old < start_new < length:
         raise ValueError(f"need 0 <= start_old < start_new < length, got "
                          f"{start_old}, {start_new}, {length}")
@@ -254,7 +256,13 @@ def is_decode_step(request: Request, num_scheduled: int, num_spec: int) -> bool:
 
 
 def opts_out(request: Request) -> bool:
-    """``extra_args[OPT_OUT_KEY]``: ``False`` opts out, ``True`` or absent opts in."""
+    """``extra_args[OPT_OUT_KEY]``: ``False`` opts out, ``True`` or absent opts in.
+
+    Streaming-input sessions (``resumable``) always opt out: vLLM re-admits them as new
+    requests that keep their blocks, which this module's lifecycle does not follow.
+    """
+    if request.resumable:
+        return True
     params = request.sampling_params
     extra = params.extra_args if params is not None else None
     if not extra or OPT_OUT_KEY not in extra:
