@@ -14,7 +14,6 @@ import json
 import math
 import pickle
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 import torch
@@ -454,23 +453,20 @@ class TCATestConnector(KVConnectorBase_V1, SupportsHMA):
         pass
 
 
-MODEL = Path.home() / ".cache" / "tether" / "models" / "smollm2"
-
-
 def make_scheduler(num_blocks: int = NUM_BLOCKS, async_scheduling: bool = False, **tca):
-    """A real V1 ``Scheduler`` with prefix caching and the test connector (config only: no
-    weights are loaded)."""
+    """A real V1 ``Scheduler`` with prefix caching and the test connector; the embedded
+    SmolLM2 gives the model config (no weights are loaded)."""
     from vllm.config import (CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig,
                              VllmConfig)
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.structured_output import StructuredOutputManager
 
-    if not MODEL.exists():
-        pytest.fail(f"missing embedded model {MODEL}: run `tether models` first")
+    from tether.models import resolve
+
     settings = dict(kv_budget=0.4, min_len=256, interval=64, min_keep=64, query_window=32)
     settings.update(tca)
-    model = ModelConfig(model=str(MODEL), dtype="float32", seed=0, skip_tokenizer_init=True,
+    model = ModelConfig(model=resolve("smollm2"), dtype="float32", seed=0, skip_tokenizer_init=True,
                         max_model_len=2048)
     cache = CacheConfig(block_size=BS, enable_prefix_caching=True)
     cache.num_gpu_blocks = num_blocks
