@@ -101,6 +101,21 @@ def test_probe_is_a_bijection_and_unpacking_returns_what_was_written(dtype, head
     assert not torch.equal(cache.view(8, H_KV, 2 * BS, -1)[table[0], 0, :BS], k[:BS, 0])
 
 
+def test_plain_pages_are_addressed_as_their_views_say():
+    """The GPU backends' layout (rows of [num_blocks, H_kv, block, 2 D] split along the last
+    axis), written through the views and read back through the plain offset map."""
+    cache = _cache(torch.float32, 8)
+    key, value = kv_views(cache, "FLASH_ATTN")
+    table = torch.randperm(8, generator=torch.Generator().manual_seed(11))
+    k, v = _random_kv(200, torch.float32, 12)
+    pos = torch.arange(200)
+    key[table[pos // BS], :, pos % BS] = k
+    value[table[pos // BS], :, pos % BS] = v
+    layer = PagedLayer.of(key, value)
+    assert torch.equal(read_kv(layer, table[2:7], 64, 200),
+                       torch.stack([k[64:], v[64:]]).transpose(1, 2))
+
+
 def test_probe_names_the_layout_it_refuses(monkeypatch):
     real = tca_layout.write_kv
 

@@ -40,8 +40,11 @@ class PagedLayer:
     off: torch.Tensor  # [2, block_size, D] int64, on the cache's device
 
     @classmethod
-    def of(cls, key: torch.Tensor, value: torch.Tensor, off: torch.Tensor) -> "PagedLayer":
-        """From the K and V views ``[num_blocks, H_kv, block_size, D]`` of one cache."""
+    def of(cls, key: torch.Tensor, value: torch.Tensor,
+           off: torch.Tensor | None = None) -> "PagedLayer":
+        """From the K and V views ``[num_blocks, H_kv, block_size, D]`` of one cache and its
+        offset map (None: the views' pages are plain rows, ``plain_offsets``)."""
+        off = plain_offsets(key, value) if off is None else off
         if key.shape != value.shape or key.stride() != value.stride() or key.dim() != 4:
             raise ValueError("key and value must be views [num_blocks, H_kv, block_size, D] "
                              "of one cache with the same strides")
@@ -59,16 +62,24 @@ class PagedLayer:
     def block_size(self) -> int:
         return self.off.shape[1]
 
-    def index(self, block_ids: torch.Tensor, first_block: int,
-              slots: torch.Tensor) -> torch.Tensor:
-        """Storage indices ``[2, H_kv, n, D]`` of K and V of the slots ``[H_kv, n]`` (logical,
-        each row for its head), ``block_ids[i]`` being logical block ``first_block + i``."""
+    def index(self, block_ids: torch.Tensor, first_block: int, slots: torch.Tensor,
+              kinds: slice = slice(None)) -> torch.Tensor:
+        """Storage indices ``[2, H_kv, n, D]`` of K and V (``kinds``: of K alone, ``slice(0,
+        1)``) of the slots ``[H_kv, n]`` (logical, each row for its head), ``block_ids[i]``
+        being logical block ``first_block + i``."""
         bs = self.block_size
         blocks = block_ids.to(self.storage.device, torch.long)[slots // bs - first_block]
         heads = torch.arange(self.num_kv_heads, device=self.storage.device)[:, None]
         page = blocks * self.block_stride + heads * self.head_stride  # [H, n]
-        start = torch.tensor(self.start, device=self.storage.device)[:, None, None, None]
-        return start + page[None, :, :, None] + self.off[:, slots % bs]
+        start = torch.tensor(self.start[kinds], device=self.storage.device)[:, None, None, None]
+        return start + page[None, :, :, None] + self.off[kinds][:, slots % bs]
+
+
+def plain_offsets(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The offset map of views whose pages hold plain rows: what their strides say."""
+    t = torch.arange(key.shape[2], device=key.device)[:, None]
+    d = torch.arange(key.shape[3], device=key.device)[None, :]
+    return torch.stack([t * view.stride(2) + d * view.stride(3) for view in (key, value)])
 
 
 def held_slots(layer: PagedLayer, first: int, end: int) -> torch.Tensor:
@@ -77,11 +88,13 @@ def held_slots(layer: PagedLayer, first: int, end: int) -> torch.Tensor:
     return slots.expand(layer.num_kv_heads, -1)
 
 
-def read_kv(layer: PagedLayer, block_ids: torch.Tensor, P_old: int, L: int) -> torch.Tensor:
-    """K and V of the held slots [P_old, L): ``[2, H_kv, L - P_old, D]`` (unpacked)."""
+def read_kv(layer: PagedLayer, block_ids: torch.Tensor, P_old: int, L: int,
+            kinds: slice = slice(None)) -> torch.Tensor:
+    """K and V (``kinds``, as ``PagedLayer.index``) of the held slots [P_old, L):
+    ``[2, H_kv, L - P_old, D]``, unpacked."""
     _check_window(layer, block_ids, P_old, L)
-    idx = layer.index(block_ids, P_old // layer.block_size, held_slots(layer, P_old, L))
-    return layer.storage[idx]
+    slots = held_slots(layer, P_old, L)
+    return layer.storage[layer.index(block_ids, P_old // layer.block_size, slots, kinds)]
 
 
 def move_kept(layer: PagedLayer, block_ids: torch.Tensor, P_old: int, P_new: int, L: int,
@@ -116,10 +129,12 @@ def compact_layer(layer: PagedLayer, block_ids: torch.Tensor, P_old: int, P_new:
     [P_old, P_old + m) (what the previous compaction returned; the slots after them hold their
     own tokens); None before the first compaction. Returns the logical positions of the kept
     tokens, now in the slots [P_new, L): ``[H_kv, K]``, ascending."""
-    if not queries.shape[0] <= window:
+    if queries.shape[0] > window:
         raise ValueError(f"the window ({window}) must cover the {queries.shape[0]} observed "
                          f"queries, so that they stay the last tokens")
-    keys = read_kv(layer, block_ids, P_old, L)[0]
+    if positions is not None and positions.shape[1] > L - P_old:
+        raise ValueError(f"positions of {positions.shape[1]} slots; {L - P_old} are held")
+    keys = read_kv(layer, block_ids, P_old, L, kinds=slice(0, 1))[0]
     scores = dense_pooled_scores(queries.to(keys.device), keys, scale)
     kept = select_common_count(scores, L - P_new, profiles, block=block, sinks=sinks,
                                window=window, alpha=alpha) + P_old

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from tether.attention.compact import PagedLayer
+from tether.attention.compact import PagedLayer, plain_offsets
 from tether.decode.engine import check_vllm_version
 
 CPU = "CPU_ATTN"
@@ -105,7 +105,10 @@ def probe_offsets(backend: str, dtype: torch.dtype, num_kv_heads: int, head_size
     off = where_is.view(2, bs, H, D) - start[:, None, None, None] - heads[None, None, :, None]
     if not (off == off[:, :, :1]).all():
         raise LayoutError(f"{where}: the KV heads' pages do not share one layout")
-    return off[:, :, 0].contiguous()
+    off = off[:, :, 0].contiguous()
+    if backend in GPU and not torch.equal(off, plain_offsets(key, value)):
+        raise LayoutError(f"{where}: not the plain rows this code was written for")
+    return off
 
 
 def paged_layer(kv_cache: torch.Tensor, backend: str, off: torch.Tensor) -> PagedLayer:
