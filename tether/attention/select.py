@@ -10,6 +10,11 @@ docstring); blocks ranked by h get keep counts from the head's calibrated profil
 and of the keep counts (their scores count as 0), as calibration leaves them out. Everything
 stays on the tensors' device; the one host read is the largest kept count (the width of the
 index table).
+
+Inside the engine (``tether.attention.compact``), one request's held keys of a layer are
+scored densely (``dense_pooled_scores``) and every KV head keeps the same number of tokens
+(``select_common_count``: TCA's picks, trimmed or padded by priority), so that all heads'
+survivors fill the same slots.
 """
 
 from __future__ import annotations
@@ -85,18 +90,95 @@ def select(queries: torch.Tensor, key_cache: torch.Tensor, block_table: torch.Te
     scores = pooled_scores(queries, key_cache, block_table, seq_lens, scale, impl)
     W = scores.shape[-1]
     lengths = seq_lens.to(device).repeat_interleave(Hkv)
-    # sinks and window are kept anyway: they neither rank blocks nor use up keep counts
-    pos = torch.arange(W, device=device)[None, :]
-    always = (pos < sinks) | (pos >= lengths[:, None] - window)
-    flat = scores.reshape(S * Hkv, W).masked_fill(always, 0.0)
-    h = tca.block_stats(flat, block, alpha, impl=impl)
     heads = torch.arange(Hkv, device=device).repeat(S)
+    mask = tca_mask(scores.reshape(S * Hkv, W), lengths, heads, profiles, block=block,
+                    sinks=sinks, window=window, alpha=alpha, impl=impl)
+    indices, counts = tca.compact(mask)
+    return indices.view(S, Hkv, -1), counts.view(S, Hkv), mask.view(S, Hkv, W)
+
+
+def tca_mask(scores: torch.Tensor, lengths: torch.Tensor, heads: torch.Tensor,
+             profiles: list[list[int]], *, block: int, sinks: int, window: int,
+             alpha: float = 0.5, impl: str = "auto") -> torch.Tensor:
+    """TCA's keep mask ``[R, W]`` of token scores ``[R, W]`` (row r: a sequence of
+    ``lengths[r]`` tokens seen by KV head ``heads[r]``, whose profile is ``profiles[heads[r]]``):
+    blocks ranked by h get the profile's keep counts, the top tokens of each block are kept,
+    plus the first ``sinks`` and the last ``window`` tokens (see the module docstring)."""
+    device = scores.device
+    # sinks and window are kept anyway: they neither rank blocks nor use up keep counts
+    pos = torch.arange(scores.shape[1], device=device)[None, :]
+    always = (pos < sinks) | (pos >= lengths[:, None] - window)
+    flat = scores.masked_fill(always, 0.0)
+    h = tca.block_stats(flat, block, alpha, impl=impl)
     table = profile_table(profiles, device)
     calibrated = torch.tensor([len(p) for p in profiles], device=device)
     keep = keep_counts(h, lengths, table, heads, block, calibrated)
-    mask = tca.block_topk(flat, keep, lengths, block, sinks, window, impl=impl)
-    indices, counts = tca.compact(mask)
-    return indices.view(S, Hkv, -1), counts.view(S, Hkv), mask.view(S, Hkv, W)
+    return tca.block_topk(flat, keep, lengths, block, sinks, window, impl=impl)
+
+
+def dense_pooled_scores(queries: torch.Tensor, keys: torch.Tensor, scale: float,
+                        chunk: int = 1 << 24) -> torch.Tensor:
+    r"""Pooled token scores ``[H_kv, n]`` (fp32) of one layer's last ``w`` queries
+    ``queries [w, H_q, D]`` (rotated) against its held keys ``keys [H_kv, n, D]`` (in slot
+    order): query j sits at slot n - w + j and sees the slots up to its own, so
+
+        s_{g,t} = 1 / (w G) sum_j sum_{h in group g} softmax_t(z_{j,h,t}),
+        z_{j,h,t} = scale <q_{j,h}, k_{g,t}> for t <= n - w + j, -inf after,
+
+    with G = H_q / H_kv query heads per KV head; each row sums to 1. The same scores as
+    ``pooled_scores`` on one sequence, without a Python loop over tokens: queries go
+    ``chunk // (H_q n)`` at a time so that the fp32 logits stay under ``chunk`` elements."""
+    w, Hq, D = queries.shape
+    Hkv, n, _ = keys.shape
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads do not split into groups over {Hkv} KV heads")
+    if not 0 < w <= n:
+        raise ValueError(f"{w} observation queries need between 1 and {n} held keys")
+    G = Hq // Hkv
+    q = queries.float().view(w, Hkv, G, D)
+    k = keys.float()
+    slots = torch.arange(n, device=keys.device)
+    total = torch.zeros(Hkv, n, dtype=torch.float32, device=keys.device)
+    step = max(1, chunk // (Hq * n))
+    for lo in range(0, w, step):
+        z = torch.einsum("cgrd,gnd->cgrn", q[lo:lo + step], k) * scale
+        seen = n - w + torch.arange(lo, min(lo + step, w), device=keys.device)
+        z.masked_fill_((slots[None, :] > seen[:, None])[:, None, None, :], float("-inf"))
+        total += torch.softmax(z, dim=-1).sum(dim=(0, 2))
+    return total / (w * G)
+
+
+def select_common_count(scores: torch.Tensor, count: int, profiles: list[list[int]], *,
+                        block: int, sinks: int, window: int, alpha: float = 0.5,
+                        impl: str = "auto") -> torch.Tensor:
+    """Exactly ``count`` slots per KV head, ascending: ``[H_kv, count]`` (int64) for token
+    scores ``[H_kv, n]`` of held slots (``dense_pooled_scores``).
+
+    Every slot gets a tier: 0 for the first ``sinks`` and the last ``window`` slots, 1 for
+    TCA's own picks (``tca_mask``: the head's profile, already scaled to the budget by
+    ``budgets.plan``, decides how many), 2 for the rest. Slots are ranked by (tier, -score,
+    slot) and the first ``count`` are kept: a head whose TCA picks fall short of ``count`` is
+    padded with its best other slots, one whose picks exceed it drops its lowest-scored picks.
+    When ``count`` equals the size of TCA's own selection, this is that selection. Tier 0 is
+    never trimmed: ``count`` must hold it."""
+    H, n = scores.shape
+    if len(profiles) != H:
+        raise ValueError(f"{len(profiles)} head profiles for {H} KV heads")
+    if not min(n, sinks + window) <= count <= n:
+        raise ValueError(f"a common count of {count} must hold the {min(n, sinks + window)} "
+                         f"sink and window slots and at most the {n} held slots")
+    device = scores.device
+    lengths = torch.full((H,), n, device=device)
+    heads = torch.arange(H, device=device)
+    picked = tca_mask(scores, lengths, heads, profiles, block=block, sinks=sinks,
+                      window=window, alpha=alpha, impl=impl)
+    slot = torch.arange(n, device=device)
+    always = (slot < sinks) | (slot >= n - window)
+    tier = torch.where(always, 0, torch.where(picked, 1, 2)).expand(H, n)
+    by_score = scores.float().sort(dim=1, descending=True, stable=True).indices
+    by_tier = tier.gather(1, by_score).sort(dim=1, stable=True).indices
+    ranked = by_score.gather(1, by_tier)
+    return ranked[:, :count].sort(dim=1).values
 
 
 def dense_to_paged(keys: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
