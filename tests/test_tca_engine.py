@@ -422,16 +422,16 @@ def test_step_metadata_survives_pickling():
 
 @pytest.mark.slow
 def test_served_multiprocess_engine_answers_with_tca(budgets, reference, tmp_path):
-    """``tether serve --tca`` with vLLM's engine process and a worker process of its own (the
-    mp executor: the worker class is loaded there and the step's connector metadata is pickled
-    to it), through the OpenAI client: the greedy answer equals the plain engine's, and the
-    response says the request went through TCA."""
+    """``tether serve --tca``: vLLM's engine process, and on the CPU a worker process of its own
+    (vLLM turns the uni executor into the mp one when multiprocessing is on: the worker class
+    is loaded there and every step's connector metadata is pickled to it). Through the OpenAI
+    client, the greedy answer equals the plain engine's and the response says the request
+    went through TCA."""
     path = tmp_path / "budgets.json"
     budgets.save(path)
     port = free_port()
     cmd = [TETHER, "serve", "--max-model-len", "1024", "--dtype", "float32", "--tca",
-           str(path), "--kv-budget", "1.0", "--distributed-executor-backend", "mp",
-           "--host", "127.0.0.1", "--port", str(port)]
+           str(path), "--kv-budget", "1.0", "--host", "127.0.0.1", "--port", str(port)]
     with running([cmd], tmp_path, port) as (base, _):
         out = openai_client(base).completions.create(model="smollm2", prompt=PROMPTS[0],
                                                      max_tokens=16, temperature=0)
