@@ -13,7 +13,7 @@ code and nothing of the tensor work, which plugs in through two callables:
   for every order at the first hook of the step's ``execute_model``, before the forward and
   before the runner updates its batch. ``kv_caches[layer]`` is vLLM's cache of that layer
   (CPU: ``[num_blocks, H_kv, block, 2 * head]``, K and V packed by the kernel's ISA);
-  ``queries[layer]`` is ``[m, H_q, head]``, the request's last ``m = min(w, computed)`` rotated
+  ``queries[layer]`` is ``[m, H_q, head]``, the request's last ``m = min(w, observed)`` rotated
   queries in order, query ``j`` at position ``order.length - m + j``. It must leave every head's
   kept tokens in logical slots ``[start_new, length)``: from the next forward on, the request
   reads only those (its read window) and attends as if its KV were that window.
@@ -23,7 +23,7 @@ What runs where, per step (hook order verified on the engine: ``tests/test_tca_e
 1. scheduler: ``TCAConnector.build_connector_meta`` (``Scheduler.schedule``, after the step's
    allocations): lifecycle of the TCA requests, then the planner; the orders go out in a
    ``TCAStepMetadata``.
-2. worker: ``TCAConnector.handle_preemptions`` (first line of ``GPUModelRunner.execute_model``,
+2. worker: ``TCAConnector.handle_preemptions`` (first hook of ``GPUModelRunner.execute_model``,
    before ``_update_states``): drops and starts request state, runs the compactor per order,
    records each request's new window start ``P``.
 3. worker: ``TCABuilder.build`` (``_build_attention_metadata``): rows of TCA requests read
