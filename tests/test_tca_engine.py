@@ -425,15 +425,25 @@ def test_served_multiprocess_engine_answers_with_tca(budgets, reference, tmp_pat
     """``tether serve --tca``: vLLM's engine process, and on the CPU a worker process of its own
     (vLLM turns the uni executor into the mp one when multiprocessing is on: the worker class
     is loaded there and every step's connector metadata is pickled to it). Through the OpenAI
-    client, the greedy answer equals the plain engine's and the response says the request
-    went through TCA."""
+    client, the greedy answer equals the plain engine's, the response says the request went
+    through TCA, a request opts out with ``vllm_xargs``, and a bad opt-out value is a 400."""
+    import openai
+
     path = tmp_path / "budgets.json"
     budgets.save(path)
     port = free_port()
     cmd = [TETHER, "serve", "--max-model-len", "1024", "--dtype", "float32", "--tca",
            str(path), "--kv-budget", "1.0", "--host", "127.0.0.1", "--port", str(port)]
     with running([cmd], tmp_path, port) as (base, _):
-        out = openai_client(base).completions.create(model="smollm2", prompt=PROMPTS[0],
-                                                     max_tokens=16, temperature=0)
-    assert out.choices[0].text == reference["text"][0]
+        client = openai_client(base)
+        out = client.completions.create(model="smollm2", prompt=PROMPTS[0], max_tokens=16,
+                                        temperature=0)
+        opted = client.completions.create(model="smollm2", prompt=PROMPTS[0], max_tokens=16,
+                                          temperature=0,
+                                          extra_body={"vllm_xargs": {"tether_tca": False}})
+        with pytest.raises(openai.BadRequestError, match="must be true or false"):
+            client.completions.create(model="smollm2", prompt="Hi", max_tokens=1,
+                                      extra_body={"vllm_xargs": {"tether_tca": "no"}})
+    assert out.choices[0].text == opted.choices[0].text == reference["text"][0]
     assert out.kv_transfer_params == {"tether_tca": {"window_start": 0, "compactions": 0}}
+    assert opted.kv_transfer_params is None  # the opted-out request never went through TCA

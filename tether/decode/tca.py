@@ -267,12 +267,13 @@ class _Tracked:
 
 
 def tca_requested(sampling_params: Any) -> bool:
-    """Whether a request takes part: ``extra_args["tether_tca"]`` absent or True; False opts
-    out; anything else is refused."""
+    """Whether a request takes part: ``extra_args["tether_tca"]`` absent or true; false opts
+    out; anything else is refused. 0 and 1 count as false and true: vLLM's OpenAI protocol
+    types ``vllm_xargs`` values as strings and numbers, so a JSON ``false`` arrives as 0."""
     value = (getattr(sampling_params, "extra_args", None) or {}).get(EXTRA_KEY, True)
-    if not isinstance(value, bool):
+    if value not in (True, False) or not isinstance(value, int):  # bools are ints
         raise ValueError(f"extra_args[{EXTRA_KEY!r}] must be true or false, not {value!r}")
-    return value
+    return bool(value)
 
 
 class TCAConnector(KVConnectorBase_V1, SupportsHMA):
