@@ -97,8 +97,14 @@ def configure_logging(verbose: bool = False) -> None:
     os.environ["VLLM_LOGGING_LEVEL"] = level  # vLLM's own level checks read it too
 
 
-def engine_args(model: str | None = None, **overrides: Any) -> dict:
-    """Keyword arguments for ``vllm.LLM`` / ``EngineArgs`` with tether's defaults."""
+def engine_args(model: str | None = None, *, tca: Any = None, kv_budget: float | None = None,
+                **overrides: Any) -> dict:
+    """Keyword arguments for ``vllm.LLM`` / ``EngineArgs`` with tether's defaults.
+
+    ``tca``: TCA budgets (a file from ``tether calibrate``, a ``Budgets`` or its dict) turn on
+    TCA-Attention inside the engine (``decode.tca``), keeping ``kv_budget`` (in (0, 1]) of each
+    request's KV; both or neither must be given.
+    """
     from tether.decode.processor import AWRSLogitsProcessor
 
     args: dict[str, Any] = {
@@ -117,6 +123,10 @@ def engine_args(model: str | None = None, **overrides: Any) -> dict:
         # Prefix caching works in whole blocks; the CPU default of 128 tokens would leave most
         # chat prompts uncached, so SMC copies would prefill their prompt again.
         args["block_size"] = 32
+    if tca is not None or kv_budget is not None:
+        from tether.decode.tca import engine_overrides
+
+        args.update(engine_overrides(tca, kv_budget))
     args.update(overrides)
     return args
 
@@ -125,10 +135,12 @@ class Engine:
     """An in-process vLLM engine (``vllm.LLM``) for one model; a context manager.
 
     ``Engine(model)`` takes a registered name, a local HF directory or a hub id (default: the
-    embedded model). Extra keyword arguments go to ``vllm.LLM`` and override the defaults.
+    embedded model). ``tca`` and ``kv_budget``: TCA-Attention in the engine (``engine_args``).
+    Extra keyword arguments go to ``vllm.LLM`` and override the defaults.
     """
 
-    def __init__(self, model: str | None = None, *, verbose: bool = False, **vllm_kwargs: Any):
+    def __init__(self, model: str | None = None, *, verbose: bool = False, tca: Any = None,
+                 kv_budget: float | None = None, **vllm_kwargs: Any):
         configure_environment(in_process=True, verbose=verbose)  # before vLLM is imported
         check_vllm_version()
         import vllm.envs
@@ -137,7 +149,7 @@ class Engine:
         # An in-process engine freezes vLLM's environment cache; honour changes made since.
         vllm.envs.disable_envs_cache()
 
-        self.args = engine_args(model, **vllm_kwargs)
+        self.args = engine_args(model, tca=tca, kv_budget=kv_budget, **vllm_kwargs)
         self.model_path = self.args["model"]
         self.llm = LLM(**self.args)
         self.tokenizer = self.llm.get_tokenizer()

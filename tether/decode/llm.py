@@ -92,16 +92,20 @@ class LLM:
     ``model``: a registered embedded model ("smollm2", "gemma3"), a local HF directory or a
     hub id; default: the embedded SmolLM2-135M-Instruct. ``constraint_budget``: seconds of
     constraint time each particle may spend (its lineage through resampling; None: no limit);
-    any one step of a particle gets at most ``processor.STEP_LIMIT_S`` of it. Keyword arguments
-    go to ``vllm.LLM``.
+    any one step of a particle gets at most ``processor.STEP_LIMIT_S`` of it. ``tca`` (budgets
+    from ``tether calibrate``: a file, a ``Budgets`` or its dict) and ``kv_budget`` (the share of
+    each request's KV to keep, in (0, 1]) run TCA-Attention inside the engine
+    (``decode.tca``); a request opts out with ``SamplingParams.extra_args["tether_tca"] =
+    False``. Keyword arguments go to ``vllm.LLM``.
     """
 
     def __init__(self, model: str | None = None, *,
-                 constraint_budget: float | None = DEFAULT_BUDGET_S, **engine_kwargs: Any):
+                 constraint_budget: float | None = DEFAULT_BUDGET_S, tca: Any = None,
+                 kv_budget: float | None = None, **engine_kwargs: Any):
         if constraint_budget is not None and not constraint_budget > 0:
             raise ValueError("constraint_budget must be a positive number of seconds or None")
         self.constraint_budget = constraint_budget
-        self.engine = Engine(model, **engine_kwargs)
+        self.engine = Engine(model, tca=tca, kv_budget=kv_budget, **engine_kwargs)
         self.model_path = self.engine.model_path
         self.tokenizer = self.engine.tokenizer
         self._rewriters: dict[str, LLM] = {}  # engines of rewriter models (pre_align)

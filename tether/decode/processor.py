@@ -310,6 +310,9 @@ class AWRSLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
+        from tether.decode.tca import tca_requested
+
+        tca_requested(sampling_params)  # TCA's per-request opt-out: checked here, in the front end
         cfg = ParticleConfig.from_extra_args(sampling_params.extra_args)
         if cfg is None:
             return

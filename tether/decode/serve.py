@@ -88,6 +88,12 @@ def build_parser():
                        metavar="SECONDS",
                        help="constraint time each particle may spend (through resampling); "
                        "a request that runs out ends with finish_reason 'budget'")
+    group.add_argument("--tca", default=None, metavar="BUDGETS.json",
+                       help="TCA-Attention inside the engine, with the budgets written by "
+                       "`tether calibrate` (CPU backend); needs --kv-budget; a request opts "
+                       "out with vllm_xargs {\"tether_tca\": false}")
+    group.add_argument("--kv-budget", type=float, default=None, metavar="F",
+                       help="with --tca: the share of each request's KV to keep, in (0, 1]")
     return parser
 
 
@@ -179,6 +185,19 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, option, None) not in (None, 0, 1, False):
             parser.error(f"--{option.replace('_', '-')} is not supported by tether serve: "
                          "its AWRS wrapper lives in one API server process")
+    if args.tca is not None or args.kv_budget is not None:
+        if args.kv_transfer_config is not None or "--worker-cls" in user_set:
+            parser.error("--tca brings its own --kv-transfer-config and --worker-cls")
+        from vllm.config import KVTransferConfig
+
+        from tether.decode.tca import engine_overrides
+
+        try:
+            tca = engine_overrides(args.tca, args.kv_budget)
+        except ValueError as exc:
+            parser.error(str(exc))
+        args.kv_transfer_config = KVTransferConfig(**tca["kv_transfer_config"])
+        args.worker_cls = tca["worker_cls"]
     validate_parsed_serve_args(args)
     if args.headless:  # engines only, for a head node's API server (multi-node launch)
         from vllm.entrypoints.cli.serve import run_headless
