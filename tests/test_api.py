@@ -184,3 +184,21 @@ def test_min_p_matches_vllm():
     assert torch.equal(torch.isinf(theirs), torch.isinf(ours))
     assert torch.isinf(ours[2]).sum() > torch.isinf(ours[1]).sum() > 0 == torch.isinf(ours[0]).sum()
     assert torch.allclose(ours.exp().sum(-1), torch.ones(3), atol=1e-5)  # renormalized
+
+
+def test_serve_takes_the_model_it_is_given():
+    """`tether serve MODEL`: vLLM's parser owns the positional model; a second positional of
+    the same name once swallowed it, and the default model was served instead."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tether.decode.serve import build_parser
+
+    parser = build_parser()
+    for argv in (["gemma3", "--sampler", "awrs"], ["--sampler", "awrs", "gemma3"]):
+        assert parser.parse_args(argv).model_tag == "gemma3"
+    tether_cli = str(Path(sys.executable).parent / "tether")
+    run = subprocess.run([tether_cli, "serve", "smolm2"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and "did you mean 'smollm2'" in run.stderr, run.stderr[-500:]

@@ -53,11 +53,14 @@ def build_parser():
         "to the embedded SmolLM2-135M-Instruct and is also the name clients send as "
         "\"model\" (unless --served-model-name is given). vLLM logs at WARNING on stderr; "
         "-v brings its INFO logs back.")
-    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                        help="registered name, HF directory or hub id (default: smollm2)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="vLLM's INFO logs and uvicorn's access log")
     parser = make_arg_parser(parser)
+    # vLLM's own parser takes the model as its positional ``model_tag``; a second positional of
+    # that name would receive it and then be overwritten by vLLM's default (None)
+    (model_tag,) = [a for a in parser._actions if a.dest == "model_tag"]
+    model_tag.metavar = "MODEL"
+    model_tag.help = "registered name, HF directory or hub id (default: smollm2)"
     group = parser.add_argument_group("tether")
     group.add_argument("--sampler", choices=["default", "awrs"], default="default",
                        help="awrs: decode constrained requests with AWRS instead of vLLM's "
@@ -131,11 +134,14 @@ def server_settings(args: Any, parser: Any) -> Any:
     if args.pre_align is not None:
         from tether.alignment.prealign import PreAligner
         from tether.decode.prealign import is_url
-        from tether.models import resolve
+        from tether.models import ModelError, resolve
 
         rewriter = args.pre_align
         if rewriter != "self" and not is_url(rewriter):
-            rewriter = resolve(rewriter)
+            try:
+                rewriter = resolve(rewriter)
+            except ModelError as e:
+                parser.error(f"--pre-align: {e}")
         aligner = PreAligner(rewriter, min_similarity=args.pre_align_min_similarity)
     return ServeSettings(validated.options, validated.limits, aligner,
                          args.pre_align_concurrency)
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     from tether.decode.engine import check_vllm_version, configure_environment, on_gpu
-    from tether.models import DEFAULT_MODEL, resolve
+    from tether.models import DEFAULT_MODEL, ModelError, resolve
 
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "-v" in argv or "--verbose" in argv
@@ -161,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     user_set = set(_explicit_options(argv))
     name = args.model_tag or (args.model if "--model" in user_set else None) or DEFAULT_MODEL
-    args.model = resolve(name)
+    try:
+        args.model = resolve(name)
+    except ModelError as e:
+        parser.error(str(e))
     if not args.served_model_name:
         args.served_model_name = [name]  # clients send the name the operator typed
     # the operator's own processors run first: AWRS samples from what they leave
