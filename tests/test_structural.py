@@ -18,6 +18,10 @@ end. The deliberate differences, each recognised precisely rather than skipped:
 * JSON integers: llguidance admits ``-0`` (an integer to ``jsonschema``), xgrammar does not;
 * JSON strings: llguidance refuses U+007F unescaped, the escape ``\\/`` and ``\\uXXXX`` escapes
   of printable characters (JSON and xgrammar allow them; every string can still be written);
+* lexing: two JSON values back to back admit JSON whitespace between them, and text that could
+  still grow right before a JSON value keeps its longest match (llguidance's lexer; no tag vLLM
+  builds does either: ``test_back_to_back_json_values_admit_whitespace_between``,
+  ``test_growing_text_before_json_takes_the_longest_match``);
 * schemas: llguidance's grammar enforces some keywords that xgrammar's does not (a ``date``
   format rejects February 30), and EOS also needs every JSON value to validate with
   ``jsonschema`` and its draft; the strings where this decides are marked (``INVALID``'s last
@@ -512,6 +516,17 @@ def test_back_to_back_json_values_admit_whitespace_between(oracle, smollm2_vocab
     assert not all(matcher.accept_token(t) for t in ids)
 
 
+def test_growing_text_before_json_takes_the_longest_match(oracle, smollm2_vocab):
+    """A documented difference: llguidance's lexer takes the longest match of a lexeme, so text
+    that could still grow (``any_text``, ``[0-9]+``) directly followed by a JSON value or a
+    sub-grammar keeps what xgrammar would give to the JSON. No tag vLLM builds does that: its
+    JSON values follow fixed strings."""
+    fmt = {"type": "sequence", "elements": [{"type": "regex", "pattern": "[0-9]+"},
+                                            {"type": "json_schema", "json_schema": {"type": "integer"}}]}
+    refused, ours, theirs = compare(oracle, tag_of(fmt), encode(smollm2_vocab, "123"), masks=False)
+    assert refused is None and theirs and not ours
+
+
 def test_json_values_validate_with_jsonschema(oracle, smollm2_vocab):
     """Keywords llguidance's grammar ignores are checked on each captured JSON value at the
     end, under the schema's draft, as tether's JSON constraints do; xgrammar admits them."""
@@ -595,6 +610,10 @@ def test_spec_forms_and_wire():
         {"begin": "<f=a>", "schema": JSON_A, "end": "</f>"}]}
     assert json.loads(normalize(StructuralTag(legacy)).source)["format"]["tags"][0][
         "content"]["json_schema"] == JSON_A
+    legacy["structures"][0]["schema"] = json.dumps(JSON_A)  # the schema as text, too
+    assert normalize(StructuralTag(legacy)) == normalize(StructuralTag(dict(fmt, tags=[
+        {"begin": "<f=a>", "content": {"type": "json_schema", "json_schema": JSON_A},
+         "end": "</f>"}], excludes=[])))
     with pytest.raises(ConstraintError, match="not valid JSON"):
         normalize(StructuralTag("{"))
     with pytest.raises(ConstraintError, match="structures\\[0\\] needs begin, schema and end"):
@@ -657,3 +676,24 @@ def test_masks_match_checks_with_special_tokens(gemma):
         mask = c.mask(state)
         checks = np.array([c.allows(state, int(t)) for t in sample])
         assert (mask[sample] == checks).all()
+
+
+def test_vllm_structured_outputs_plan_a_structural_tag(smollm2_vocab):
+    """``structured_outputs.structural_tag`` (JSON text, as vLLM carries it) plans an AWRS
+    request whose spec is the tag; one llguidance cannot express fails naming why."""
+    from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+    from tether.decode.policy import Limits, Options, plan
+
+    def planned(tag):
+        params = SamplingParams(structured_outputs=StructuredOutputsParams(
+            structural_tag=json.dumps(tag)))
+        return plan(params, {"type": "token", "prompt_token_ids": [1, 2]},
+                    Options(sampler="awrs"), Limits(), None)
+
+    p = planned(tag_of(TRIGGERED))
+    assert normalize(p.spec) == normalize(StructuralTag(TRIGGERED))
+    assert Constraint.from_spec(p.spec, smollm2_vocab).engine == "llguidance"
+    xml = planned(vllm_tag("qwen_3_5", "required").model_dump())
+    with pytest.raises(ConstraintError, match="'qwen_xml' style"):
+        Constraint.from_spec(xml.spec, smollm2_vocab)

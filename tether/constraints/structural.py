@@ -60,7 +60,9 @@ special) but only the strings of the tag and token formats admit them here, neve
 JSON; text is UTF-8 (xgrammar's free text admits a lone continuation byte); where bytes are
 forced, only their canonical tokenization is admitted (``GrammarState``); llguidance's JSON
 refuses U+007F, ``\\/`` and ``\\u`` escapes of printable characters, and admits ``-0`` as an
-integer and JSON whitespace between two JSON values that follow each other directly; a
+integer and JSON whitespace between two JSON values that follow each other directly; text
+that could still grow (``any_text``, ``[0-9]+``) directly before a JSON value or a sub-grammar
+keeps its longest match (llguidance's lexer), where xgrammar may split it; a
 ``date`` format refuses impossible dates already in the grammar; and the end-of-output
 ``jsonschema`` check enforces every keyword of the schema's draft. The JSON check reads
 llguidance's captures, which are also made on parse paths that later die: where an ``or`` lets
@@ -132,8 +134,14 @@ def _from_legacy(tag: dict) -> dict:
     for i, s in enumerate(structures):
         if not isinstance(s, dict) or s.get("schema") is None:
             raise ConstraintError(f"structures[{i}] needs begin, schema and end")
+        schema = s["schema"]
+        if isinstance(schema, str):  # xgrammar's legacy items also take the schema as text
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ConstraintError(f"structures[{i}].schema is not valid JSON: {e}") from None
         tags.append({"type": "tag", "begin": s.get("begin"), "end": s.get("end"),
-                     "content": {"type": "json_schema", "json_schema": s["schema"]}})
+                     "content": {"type": "json_schema", "json_schema": schema}})
     return {"type": "structural_tag",
             "format": {"type": "triggered_tags", "triggers": triggers, "tags": tags}}
 
