@@ -479,7 +479,8 @@ def test_special_tokens_are_text_only_where_the_tag_spells_them(gemma, oracle, s
         spelled = list(vocab.hf.encode(name, add_special_tokens=False, split_special_tokens=True))
         assert special not in spelled
         text_only = [{"type": "any_text"}, {"type": "json_schema", "json_schema": True},
-                     {"type": "regex", "pattern": ".*"}]
+                     {"type": "regex", "pattern": ".*"},
+                     {"type": "regex", "pattern": re.escape(name) + "x"}]  # forced: see mask()
         for fmt in text_only:
             c = Constraint.from_spec(StructuralTag(tag_of(fmt)), vocab)
             state = c.start()

@@ -124,6 +124,11 @@ class GrammarConstraint(Constraint):
         allowed = _bits_to_bool(state.matcher.compute_bitmask(), self.vocab.size)
         if not self.special_tokens:
             allowed &= ~self.vocab.special
+        elif state.forced_mask(self.vocab.size) is not None:
+            # llguidance forces bytes as their canonical tokens, which may be a special token
+            # that spells them; the grammar itself never reads a special token as text
+            for t in np.nonzero(allowed & self.vocab.special)[0]:
+                allowed[t] = state.matcher.validate_tokens([int(t)]) == 1
         if len(self._eos):
             allowed[self._eos] = self.is_complete(state)
         return allowed
