@@ -2,13 +2,13 @@
 
 Public API:
     generate, LLM, Result (loaded on first use: they import vLLM)
-    Constraint, Regex, Grammar, JsonSchema, Choice, Predicate, ConstraintError
+    Constraint, Regex, Grammar, JsonSchema, Choice, Predicate, StructuralTag, ConstraintError
     PreAligner, Rewrite: P-Aligner instruction pre-alignment (``generate(..., pre_align=...)``)
     viz.write_html / viz.render_html: an SMC run as an HTML page
 """
 
 from tether.constraints import (Choice, Constraint, Grammar, JsonSchema, Predicate, Regex,
-                                TokenVocab, vocab_for)
+                                StructuralTag, TokenVocab, vocab_for)
 from tether.errors import ConstraintError, TetherError
 from tether.alignment.prealign import PreAligner, Rewrite
 
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Choice", "Constraint", "ConstraintError", "Grammar", "JsonSchema", "PreAligner",
-    "Predicate", "Regex", "Rewrite", "TetherError", "TokenVocab", "vocab_for",
+    "Predicate", "Regex", "Rewrite", "StructuralTag", "TetherError", "TokenVocab", "vocab_for",
 ]
 
 

@@ -11,8 +11,8 @@ bytes generated so far), and the constraint answers questions about it:
     c.mask(s)              -> the exact set of allowed tokens, as a boolean array
 
 EOS tokens are allowed exactly where the output is complete. Special (control) tokens other than
-EOS are never allowed. Token ids at or past the tokenizer's size (padding in the model's logits)
-are never allowed.
+EOS are never allowed, except where a structural tag names them (``structural``). Token ids at
+or past the tokenizer's size (padding in the model's logits) are never allowed.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def compile_constraint(spec: Any, tokenizer: Any) -> Constraint:
 
 
 def _build(spec: Spec, vocab: TokenVocab) -> Constraint:
-    from tether.constraints import grammar, prefix
+    from tether.constraints import grammar, prefix, structural
 
     if spec.kind == "json_schema":
         return grammar.json_schema_constraint(spec, vocab)
@@ -147,6 +147,8 @@ def _build(spec: Spec, vocab: TokenVocab) -> Constraint:
         checker = grammar.regex_constraint(spec, vocab, compiled)
         return checker if checker is not None else prefix.PartialRegexConstraint(spec, vocab,
                                                                                    compiled)
+    if spec.kind == "structural_tag":
+        return structural.structural_tag_constraint(spec, vocab)
     if spec.kind == "predicate":
         return prefix.PredicateConstraint(spec, vocab)
     raise ConstraintError(f"unknown constraint kind {spec.kind!r}")  # pragma: no cover

@@ -35,15 +35,17 @@ class GrammarState:
     mask admits only the canonical tokenization of those bytes, while ``validate_tokens`` admits
     any token that spells a prefix of them. Checks must agree with the mask (the bounded-cost
     mode mixes both), so in such states a token is allowed only if the mask has it; the mask is
-    computed once per state, when first needed.
+    computed once per state, when first needed. The end-of-output check is also made once per
+    state (``complete``).
     """
 
-    __slots__ = ("matcher", "data", "_forced")
+    __slots__ = ("matcher", "data", "_forced", "complete")
 
     def __init__(self, matcher: Any, data: bytes):
         self.matcher = matcher
         self.data = data
         self._forced: Any = None  # None: not looked at yet; False: nothing forced; else a mask
+        self.complete: bool | None = None  # None: not checked yet
 
     def forced_mask(self, size: int) -> np.ndarray | None:
         if self._forced is None:
@@ -60,6 +62,9 @@ def _bits_to_bool(bitmask: bytes, size: int) -> np.ndarray:
 class GrammarConstraint(Constraint):
     engine = "llguidance"
     cheap_mask = True
+    #: whether the grammar itself names special tokens (a structural tag's token formats), so
+    #: that llguidance decides on them; otherwise they are never allowed
+    special_tokens = False
 
     def __init__(self, spec: Spec, vocab: TokenVocab, matcher: Any,
                  final_check: Callable[[str], bool] | None = None):
@@ -74,7 +79,8 @@ class GrammarConstraint(Constraint):
     def allows(self, state: GrammarState, token_id: int) -> bool:
         if token_id in self.eos_token_ids:
             return self.is_complete(state)
-        if not self.is_plain_token(token_id):
+        if not (self.is_plain_token(token_id) or
+                self.special_tokens and 0 <= token_id < self.vocab.size):
             return False
         if state.matcher.validate_tokens([token_id]) != 1:
             return False
@@ -89,11 +95,20 @@ class GrammarConstraint(Constraint):
         matcher = state.matcher.deep_copy()
         if not matcher.consume_token(token_id):
             raise ValueError(f"llguidance refused token {token_id}: {matcher.get_error()}")
-        return GrammarState(matcher, state.data + self.vocab.token_bytes[token_id])
+        data = self.vocab.token_bytes[token_id]
+        if data is None:  # a special token the grammar named: spelled as its text
+            data = str(self.vocab.hf.convert_ids_to_tokens(token_id)).encode("utf-8")
+        return GrammarState(matcher, state.data + data)
 
     def is_complete(self, state: GrammarState) -> bool:
         if not state.matcher.is_accepting():
             return False
+        if state.complete is None:
+            state.complete = self.end_check(state)
+        return state.complete
+
+    def end_check(self, state: GrammarState) -> bool:
+        """The semantic check of an output the grammar accepts (see the module docstring)."""
         if self._final_check is None:
             return True
         try:
@@ -107,7 +122,13 @@ class GrammarConstraint(Constraint):
 
     def mask(self, state: GrammarState) -> np.ndarray:
         allowed = _bits_to_bool(state.matcher.compute_bitmask(), self.vocab.size)
-        allowed &= ~self.vocab.special
+        if not self.special_tokens:
+            allowed &= ~self.vocab.special
+        elif state.forced_mask(self.vocab.size) is not None:
+            # llguidance forces bytes as their canonical tokens, which may be a special token
+            # that spells them; the grammar itself never reads a special token as text
+            for t in np.nonzero(allowed & self.vocab.special)[0]:
+                allowed[t] = state.matcher.validate_tokens([int(t)]) == 1
         if len(self._eos):
             allowed[self._eos] = self.is_complete(state)
         return allowed
@@ -129,16 +150,10 @@ def json_schema_constraint(spec: Spec, vocab: TokenVocab) -> GrammarConstraint:
 
 
 def _json_schema_constraint(spec: Spec, vocab: TokenVocab) -> GrammarConstraint:
-    import jsonschema
     from llguidance import LLMatcher
 
     schema = spec.schema
-    validator_cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    try:
-        validator_cls.check_schema(schema)
-    except jsonschema.SchemaError as e:
-        pointer = "/" + "/".join(str(p) for p in e.path)
-        raise ConstraintError(f"invalid JSON Schema at {pointer}: {e.message}") from None
+    validator = schema_validator(schema)
     try:
         grammar = LLMatcher.grammar_from_json_schema(schema, defaults=_json_options(spec))
     except ValueError as e:
@@ -158,10 +173,6 @@ def _json_schema_constraint(spec: Spec, vocab: TokenVocab) -> GrammarConstraint:
     else:
         import json
 
-        # The schema's own draft decides what a format means (``FORMAT_CHECKER`` of its
-        # validator class; see ``checked_formats``).
-        validator = validator_cls(schema, format_checker=validator_cls.FORMAT_CHECKER)
-
         def final_check(text: str) -> bool:
             try:
                 return validator.is_valid(json.loads(text))
@@ -169,6 +180,22 @@ def _json_schema_constraint(spec: Spec, vocab: TokenVocab) -> GrammarConstraint:
                 return False
 
     return GrammarConstraint(spec, vocab, matcher, final_check)
+
+
+def schema_validator(schema: Any, where: str = "JSON Schema") -> Any:
+    """The ``jsonschema`` validator of ``schema``'s own draft (2020-12 when it names none), with
+    that draft's format checker (see ``checked_formats``); ``ConstraintError`` if the schema is
+    invalid, naming ``where`` and the JSON pointer."""
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        pointer = "/" + "/".join(str(p) for p in e.path)
+        prefix = "invalid JSON Schema" if where == "JSON Schema" else f"{where}: invalid schema"
+        raise ConstraintError(f"{prefix} at {pointer}: {e.message}") from None
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
 def checked_formats(schema: Any = None) -> list[str]:

@@ -7,6 +7,8 @@ Accepted forms:
 * ``Regex(pattern)``: a regular expression in the syntax of Python's ``regex`` module;
 * ``Grammar(text)``: a Lark grammar (llguidance's Lark dialect);
 * ``Choice([...])``: one of a list of literal strings;
+* ``StructuralTag(tag)``: an xgrammar structural tag (tool calls in running text; a dict, JSON
+  text or xgrammar model), compiled by ``tether.constraints.structural``;
 * outlines output types: ``outlines.types.JsonSchema``, ``Regex``, ``CFG`` and any other outlines
   term (turned into its regular expression);
 * ``Predicate(fn)`` or a bare callable: a Python predicate over the decoded text prefix.
@@ -35,7 +37,7 @@ from typing import Any, Callable, Literal
 
 from tether.errors import ConstraintError
 
-Kind = Literal["json_schema", "regex", "grammar", "predicate"]
+Kind = Literal["json_schema", "regex", "grammar", "structural_tag", "predicate"]
 
 MAX_SPEC_BYTES = 256 * 1024
 MAX_JSON_DEPTH = 64
@@ -76,6 +78,17 @@ class Choice:
 
     def __init__(self, options):
         object.__setattr__(self, "options", tuple(options))
+
+
+@dataclass(frozen=True)
+class StructuralTag:
+    """An xgrammar structural tag that the whole output must follow: what vLLM's tool parsers
+    build for strict tool calls, and what clients send as ``response_format: {"type":
+    "structural_tag", ...}`` or ``structured_outputs.structural_tag``. ``tag`` is a dict, JSON
+    text (also the legacy ``{"structures": ..., "triggers": ...}`` form), an
+    ``xgrammar.StructuralTag`` or one of its formats. See ``tether.constraints.structural``."""
+
+    tag: Any
 
 
 @dataclass(frozen=True, eq=False)
@@ -141,7 +154,8 @@ class Spec:
                     "a Python predicate constraint can only be used with the engine in the "
                     "same process (VLLM_ENABLE_V1_MULTIPROCESSING=0), as tether.LLM does"
                 ) from None
-        if kind not in ("json_schema", "regex", "grammar") or not isinstance(wire.get("source"), str):
+        if kind not in ("json_schema", "regex", "grammar", "structural_tag") or \
+                not isinstance(wire.get("source"), str):
             raise ConstraintError(f"malformed constraint spec {wire!r}")
         return cls(kind, wire["source"], bool(wire.get("flexible_whitespace", False)),
                    model=_MODELS.get(wire.get("model")))
@@ -218,6 +232,16 @@ def _schema_spec(schema: Any, model: type | None = None, whitespace: str = "comp
                 model=model)
 
 
+def _structural_spec(tag: Any) -> Spec:
+    from tether.constraints.structural import canonical_tag
+
+    if isinstance(tag, str):
+        _check_size("structural tag", tag)
+    source = canonical_tag(tag)
+    _check_size("structural tag", source)
+    return Spec("structural_tag", source)
+
+
 def _choice_grammar(options: tuple[str, ...]) -> str:
     if not options or not all(isinstance(o, str) for o in options):
         raise ConstraintError("a choice needs a non-empty list of strings")
@@ -244,6 +268,8 @@ def normalize(spec: Any) -> Spec:
         grammar = _choice_grammar(spec.options)
         _check_size("choice list", grammar)
         return Spec("grammar", grammar)
+    if isinstance(spec, StructuralTag) or type(spec).__module__.startswith("xgrammar."):
+        return _structural_spec(spec.tag if isinstance(spec, StructuralTag) else spec)
     if isinstance(spec, (dict, bool)):
         return _schema_spec(spec)
     if isinstance(spec, str):
@@ -284,8 +310,8 @@ def normalize(spec: Any) -> Spec:
             return _PREDICATES[_PREDICATE_REFS[identity]]
     raise ConstraintError(
         f"unsupported constraint of type {type(spec).__name__}; use a JSON Schema (dict), a "
-        "pydantic model class, tether.Regex, tether.Grammar, tether.Choice, an outlines type or "
-        "a predicate")
+        "pydantic model class, tether.Regex, tether.Grammar, tether.Choice, "
+        "tether.StructuralTag, an outlines type or a predicate")
 
 
 def _from_outlines(spec: Any) -> Spec | None:

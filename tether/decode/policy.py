@@ -8,8 +8,9 @@ request's overrides (``vllm_xargs`` keys ``tether_sampler``, ``tether_particles`
 ``Limits`` holds what only the operator sets (``--max-particles``, ``--constraint-budget``).
 
 Which requests. With the ``awrs`` sampler, a request whose sampling parameters carry a
-constraint (``structured_outputs`` json, json_object, regex, choice, grammar; the OpenAI
-``response_format`` becomes one of these) is decoded by AWRS; the rest pass to vLLM untouched.
+constraint (``structured_outputs`` json, json_object, regex, choice, grammar, structural_tag;
+the OpenAI ``response_format`` becomes one of these) is decoded by AWRS; the rest pass to vLLM
+untouched.
 
 Nothing a request asks for is dropped:
 
@@ -21,7 +22,7 @@ Nothing a request asks for is dropped:
   min-p, top-k, top-p, logit bias, bad words, allowed tokens, min tokens, stop token ids);
 * refused with a 400 naming it: ``logprobs``, ``prompt_logprobs`` (AWRS forces the tokens it
   decides), ``stop`` strings (the constraint decides where an output ends),
-  ``whitespace_pattern``, ``structural_tag``, multimodal inputs and prompt embeddings, and
+  ``whitespace_pattern``, multimodal inputs and prompt embeddings, and
   AWRS requests on endpoints other than ``SERVED_PATHS``.
 
 Limits, per HTTP request: a request's particles (``max(n, tether_particles)`` for each of its
@@ -185,9 +186,6 @@ def _refuse_unsupported(params: Any, prompt: Any, so: Any) -> None:
     if so.whitespace_pattern is not None:
         raise RequestError("whitespace_pattern is not supported with the awrs sampler (it "
                            "writes compact JSON)", "whitespace_pattern")
-    if so.structural_tag is not None:
-        raise RequestError("structural_tag is not supported by the awrs sampler",
-                           "structural_tag")
     kind = prompt.get("type", "token") if isinstance(prompt, dict) else None
     if kind != "token" or "prompt_token_ids" not in prompt:
         name = "prompt_embeds" if kind == "embeds" else "messages"
@@ -197,10 +195,12 @@ def _refuse_unsupported(params: Any, prompt: Any, so: Any) -> None:
 
 def spec_from_structured_outputs(so: Any) -> Any:
     """vLLM's ``StructuredOutputsParams`` -> a tether spec (None if it carries no constraint)."""
-    from tether import Choice, Grammar, JsonSchema, Regex
+    from tether import Choice, Grammar, JsonSchema, Regex, StructuralTag
 
     if so is None:
         return None
+    if so.structural_tag is not None:
+        return StructuralTag(so.structural_tag)  # what llguidance cannot express is refused
     if so.json is not None:
         schema = so.json
         if isinstance(schema, str):
