@@ -266,45 +266,37 @@ def test_served_under_the_name_given_and_quiet(server_dp1, client):
 
 # -- second pass: ids, dropped values, per-request limits, endpoints ----------------------------
 
-def _with_request_id(server, body, request_id):
-    req = urllib.request.Request(server + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json",
-                                          "x-request-id": request_id})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.loads(r.read())
-
-
-def test_requests_sharing_a_client_request_id_keep_their_own_weights(server):
+def test_requests_sharing_a_client_request_id_keep_their_own_weights(client):
     """A retrying client or a proxy sends one X-Request-Id for two requests: each must come
     back with its own particles, outputs and weights (records are keyed by server-made ids)."""
-    digits = {"model": "smollm2", "messages": [{"role": "user", "content": "A number:"}],
-              "max_tokens": 6, "seed": 1, "structured_outputs": {"regex": r"[0-9]{3}"},
-              "vllm_xargs": {"tether_particles": 4, "tether_ess_threshold": 1.0}}
-    words = {"model": "smollm2", "messages": [{"role": "user", "content": "A colour:"}],
-             "max_tokens": 6, "seed": 2, "n": 2,
-             "structured_outputs": {"choice": ["red", "green", "blue"]},
-             "vllm_xargs": {"tether_particles": 6, "tether_ess_threshold": 1.0}}
+    digits = dict(messages=[{"role": "user", "content": "A number:"}], max_tokens=6, seed=1,
+                  extra_body={"structured_outputs": {"regex": r"[0-9]{3}"},
+                              "vllm_xargs": {"tether_particles": 4,
+                                             "tether_ess_threshold": 1.0}})
+    words = dict(messages=[{"role": "user", "content": "A colour:"}], max_tokens=6, seed=2,
+                 n=2, extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]},
+                                  "vllm_xargs": {"tether_particles": 6,
+                                                 "tether_ess_threshold": 1.0}})
+    bodies = (digits, words, digits, words)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(_with_request_id, server, body, "same-id")
-                   for body in (digits, words, digits, words)]
-        outs = [f.result() for f in futures]
-    for out, body in zip(outs, (digits, words, digits, words)):
-        ext = out["tether"]
+        outs = list(pool.map(lambda body: client.chat.completions.create(
+            model="smollm2", extra_headers={"X-Request-Id": "same-id"}, **body), bodies))
+    for out, body in zip(outs, bodies):
+        ext = out.model_extra["tether"]
         assert ext["failure"] is None, ext["failure"]
-        assert ext["particles"] == body["vllm_xargs"]["tether_particles"]
-        assert len(out["choices"]) == len(ext["choices"]) == body.get("n", 1)
+        assert ext["particles"] == body["extra_body"]["vllm_xargs"]["tether_particles"]
+        assert len(out.choices) == len(ext["choices"]) == body.get("n", 1)
         assert isinstance(ext["log_z"], float)
-        for choice, info in zip(out["choices"], ext["choices"]):
-            assert choice["finish_reason"] == info["finish_reason"] == "stop"
+        for choice, info in zip(out.choices, ext["choices"]):
+            assert choice.finish_reason == info["finish_reason"] == "stop"
             assert isinstance(info["log_weight"], float)
-            text = choice["message"]["content"]
-            if "regex" in body["structured_outputs"]:
-                assert regex.fullmatch(r"[0-9]{3}", text)
+            if "regex" in body["extra_body"]["structured_outputs"]:
+                assert regex.fullmatch(r"[0-9]{3}", choice.message.content)
             else:
-                assert text in ("red", "green", "blue")
+                assert choice.message.content in ("red", "green", "blue")
 
 
-def test_other_vllm_xargs_reach_the_operators_processors(server):
+def test_other_vllm_xargs_reach_the_operators_processors(client):
     """``ban_token_ids`` goes to the server's own logits processor (tests/ban_processor.py)
     under AWRS: with every token that starts "yes" banned, the answer is always "no"."""
     from tether.constraints import vocab_for
@@ -314,30 +306,30 @@ def test_other_vllm_xargs_reach_the_operators_processors(server):
            if (s := hf.convert_tokens_to_string([t]).strip()) and "yes".startswith(s)]
 
     def ask(seed, ban):
-        body = {"model": "smollm2", "max_tokens": 3, "seed": seed,
-                "messages": [{"role": "user", "content": "Is water wet? Answer yes or no."}],
-                "structured_outputs": {"choice": ["yes", "no"]}}
+        extra = {"structured_outputs": {"choice": ["yes", "no"]}}
         if ban:
-            body["vllm_xargs"] = {"ban_token_ids": yes}
-        code, text = post(server, "/v1/chat/completions", body)
-        assert code == 200, text
-        return json.loads(text)["choices"][0]["message"]["content"]
+            extra["vllm_xargs"] = {"ban_token_ids": yes}
+        r = chat(client, "Is water wet? Answer yes or no.", max_tokens=3, seed=seed,
+                 extra_body=extra)
+        return r.choices[0].message.content
 
     assert "yes" in {ask(seed, ban=False) for seed in range(6)}  # the model does say yes
     assert {ask(seed, ban=True) for seed in range(6)} == {"no"}
 
 
-def test_particles_are_limited_per_http_request(server):
+def test_particles_are_limited_per_http_request(server, client):
     """3 prompts x 30 particles is over --max-particles (64) for one HTTP request, though
     each prompt alone is under it; 2 x 30 is not."""
-    body = {"model": "smollm2", "max_tokens": 2, "structured_outputs": {"regex": "[ab]"},
-            "vllm_xargs": {"tether_particles": 30}}
-    code, text = post(server, "/v1/completions", dict(body, prompt=["x", "y", "z"]))
-    assert code == 400 and "--max-particles" in text and "90" in text, text[:300]
-    code, text = post(server, "/v1/completions", dict(body, prompt=["x", "y"]))
-    assert code == 200, text[:300]
-    fields = json.loads(text)["tether"]
-    assert [f["particles"] for f in fields] == [30, 30]  # one field per prompt, in order
+    import openai
+
+    extra = {"structured_outputs": {"regex": "[ab]"}, "vllm_xargs": {"tether_particles": 30}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="smollm2", prompt=["x", "y", "z"], max_tokens=2,
+                                  extra_body=extra)
+    assert "--max-particles" in str(e.value) and "90" in str(e.value)
+    r = client.completions.create(model="smollm2", prompt=["x", "y"], max_tokens=2,
+                                  extra_body=extra)
+    assert [f["particles"] for f in r.model_extra["tether"]] == [30, 30]  # one per prompt
     time.sleep(1)
     assert metric(server, "vllm:num_requests_running") == 0  # nothing left behind
 
@@ -359,19 +351,15 @@ def test_batch_endpoint_gets_the_same_treatment(server):
     assert [f["particles"] for f in out["tether"]] == [30, 30]
 
 
-@pytest.mark.parametrize("path,body,needle", [
-    ("/v1/chat/completions", {"structured_outputs": {"json": {"type": "object"},
-                                                     "whitespace_pattern": " ?"}},
-     "whitespace_pattern"),
-    ("/v1/responses", {"input": "x", "text": {"format": {
-        "type": "json_schema", "name": "o", "schema": {"type": "object"}}}}, "awrs sampler"),
-])
-def test_what_awrs_cannot_honour_is_refused(server, path, body, needle):
-    base = {"model": "smollm2", "max_tokens": 4}
-    if path == "/v1/chat/completions":
-        base["messages"] = [{"role": "user", "content": "x"}]
-    code, text = post(server, path, dict(base, **body))
-    assert code == 400 and needle in text, (code, text[:400])
+def test_what_awrs_cannot_honour_is_refused(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="whitespace_pattern"):
+        chat(client, "x", max_tokens=4, extra_body={"structured_outputs": {
+            "json": {"type": "object"}, "whitespace_pattern": " ?"}})
+    with pytest.raises(openai.BadRequestError, match="awrs sampler"):
+        client.responses.create(model="smollm2", input="x", max_output_tokens=4, text={
+            "format": {"type": "json_schema", "name": "o", "schema": {"type": "object"}}})
 
 
 def test_closed_objects_under_awrs(client):
@@ -384,7 +372,7 @@ def test_closed_objects_under_awrs(client):
         assert set(json.loads(r.choices[0].message.content)) == {"name"}
 
 
-def test_many_pathological_particles_hold_no_step(server, client):
+def test_many_pathological_particles_hold_no_step(client):
     """One request, 16 particles whose every check backtracks for seconds: its population
     shares one step's constraint time, so it ends with "budget" within a few steps, and a
     request beside it is served."""
@@ -397,17 +385,15 @@ def test_many_pathological_particles_hold_no_step(server, client):
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         t0 = time.time()
-        hostile = pool.submit(post, server, "/v1/completions", {
-            "model": "smollm2", "prompt": "a" * 60, "max_tokens": 64,
-            "structured_outputs": {"regex": PATHOLOGICAL},
-            "vllm_xargs": {"tether_particles": 16}})
+        hostile = pool.submit(client.completions.create, model="smollm2", prompt="a" * 60,
+                              max_tokens=64, extra_body={
+                                  "structured_outputs": {"regex": PATHOLOGICAL},
+                                  "vllm_xargs": {"tether_particles": 16}})
         normal = pool.submit(healthy)
-        code, text = hostile.result()
+        out = hostile.result()
         hostile_s = time.time() - t0
         r, _ = normal.result()
-    assert code == 200
-    out = json.loads(text)
-    assert out["choices"][0]["finish_reason"] == "budget" and out["tether"]["log_z"] is None
+    assert out.choices[0].finish_reason == "budget" and out.model_extra["tether"]["log_z"] is None
     assert hostile_s < 30  # 16 x 0.5 s per step was the old bound, for each of 64 steps
     assert r.choices[0].finish_reason == "stop"
 
