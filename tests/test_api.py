@@ -147,18 +147,23 @@ def _vllm_penalized(logits, prompt, output, rep, freq, pres):
         torch.tensor([freq]), torch.tensor([rep]), [list(output)])[0]
 
 
-@pytest.mark.parametrize("rep,freq,pres", [(1.3, 0.0, 0.0), (1.0, 0.7, 0.0), (1.0, 0.0, 1.1),
-                                            (0.8, -0.5, 0.4)])
-def test_penalties_match_vllm(rep, freq, pres):
-    from tether.samplers.candidates import apply_penalties
+def test_penalties_batch_rows_of_any_length():
+    """``shaping.penalize`` pads a batch of prompts and outputs of different lengths; each row
+    must come out as vLLM penalizes that row alone, and the input must stay untouched."""
+    from tether.decode.shaping import penalize
 
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(300, generator=gen) * 3
-    prompt, output = [3, 5, 5, 7, 290], [5, 9, 9, 9, 11, 3]
-    ours = apply_penalties(logits, prompt, output, rep, freq, pres)
-    theirs = _vllm_penalized(logits, prompt, output, rep, freq, pres)
-    assert torch.allclose(ours, theirs, atol=1e-5)
-    assert not torch.allclose(ours, logits)
+    logits = torch.randn(4, 300, generator=gen) * 3
+    before = logits.clone()
+    prompts = [[3, 5, 5, 7, 299], [], [1], [8, 8, 8, 8, 8, 8, 8, 8]]
+    outputs = [[5, 9, 9, 9, 11, 3], [2], [4], [8, 0, 299]]
+    params = [(1.3, 0.0, 0.0), (1.0, 0.7, 0.0), (1.0, 0.0, 1.1), (0.8, -0.5, 0.4)]
+    ours = penalize(logits, prompts, outputs, params)
+    assert torch.equal(logits, before)
+    for row, (p, o, (rep, freq, pres)) in enumerate(zip(prompts, outputs, params)):
+        theirs = _vllm_penalized(logits[row], p or [300], o, rep, freq, pres)
+        assert torch.allclose(ours[row], theirs, atol=1e-5)
+        assert not torch.allclose(ours[row], logits[row])
 
 
 def test_min_p_matches_vllm():
@@ -168,7 +173,7 @@ def test_min_p_matches_vllm():
     from vllm.v1.sample.logits_processor import BatchUpdate
     from vllm.v1.sample.logits_processor.builtin import MinPLogitsProcessor
 
-    from tether.samplers.candidates import shape_logprobs
+    from tether.decode.shaping import shape_logprobs
 
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 500, generator=gen) * 2

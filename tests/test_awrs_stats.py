@@ -210,7 +210,7 @@ def test_keys_are_a_pure_function_of_seed_and_step():
 
 
 def test_shaping_follows_vllm_order():
-    from tether.samplers.candidates import shape_logprobs
+    from tether.decode.shaping import shape_logprobs
 
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     out = shape_logprobs(logits, torch.tensor([2.0]), torch.tensor([3]), torch.tensor([0.6]))

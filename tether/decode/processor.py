@@ -5,8 +5,8 @@ A request is constrained when its ``SamplingParams.extra_args["tether"]`` holds 
 they already are (the GPU in production) and, for the constrained rows only:
 
 1. shapes each row's distribution the way vLLM's sampler would: the request's repetition,
-   frequency and presence penalties (``samplers.candidates.apply_penalties``), then
-   temperature, min-p, top-k and top-p (``shape_logprobs``), in vLLM's order;
+   frequency and presence penalties, then temperature, min-p, top-k and top-p, in vLLM's
+   order and with vLLM's own operations (``decode.shaping``);
 2. ranks the candidates of all those rows by counter-based Gumbel keys in one batched device
    operation, and copies the top ``CANDIDATES`` of each row to the host in one copy;
 3. on the host, runs the row's AWRS step (``samplers.awrs``) against its constraint state;
@@ -65,8 +65,8 @@ import torch
 
 from tether.constraints import budget
 from tether.samplers import awrs
-from tether.samplers.candidates import (CandidateStream, apply_penalties, rank_batch,
-                                        shape_logprobs)
+from tether.decode.shaping import penalize, shape_logprobs
+from tether.samplers.candidates import CandidateStream, rank_batch
 from tether.samplers.gumbel import mix_seed
 
 try:  # vLLM is imported lazily elsewhere; this module is only loaded by the engine.
@@ -262,12 +262,9 @@ class _Row:
         return awrs.recursive_awrs(stream, self.accept, max_rejections=bounded,
                                    allowed=self.allowed, max_coin_ratio=ratio)
 
-    def logits(self, logits_row: torch.Tensor) -> torch.Tensor:
-        """This row's logits with the request's penalties (``[V]``)."""
-        if not self.penalized:
-            return logits_row
-        return apply_penalties(logits_row, self.prompt, list(self.cfg.prefix) + self.output,
-                               *self.penalties)
+    def seen(self) -> list[int]:
+        """The tokens the penalties count as output: the carried prefix, then this row's."""
+        return list(self.cfg.prefix) + self.output
 
 
 class StepGrants:
@@ -394,7 +391,12 @@ class AWRSLogitsProcessor(LogitsProcessor):
 
     def _rank(self, logits: torch.Tensor, rows: list[tuple[int, _Row]], truncate: bool):
         dev = logits.device
-        shaped = torch.stack([row.logits(logits[i]) for i, row in rows])
+        shaped = logits[torch.tensor([i for i, _ in rows], device=dev)]
+        penalized = [j for j, (_, r) in enumerate(rows) if r.penalized]
+        if penalized:
+            sub = [rows[j][1] for j in penalized]
+            shaped[penalized] = penalize(shaped[penalized], [r.prompt for r in sub],
+                                         [r.seen() for r in sub], [r.penalties for r in sub])
         logprobs = shape_logprobs(
             shaped, torch.tensor([r.temperature for _, r in rows], device=dev),
             torch.tensor([r.top_k if truncate else 0 for _, r in rows], device=dev),

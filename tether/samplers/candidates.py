@@ -1,18 +1,12 @@
 """Ranked candidates: the device side of AWRS.
 
-For a batch of rows, ``rank_batch`` computes each row's distribution p (temperature, min-p,
-top-k and top-p applied to the logits, then a log-softmax), perturbs it with counter-based Gumbel noise
-(``gumbel.gumbel_keys``), and takes the ``k`` best keys of every row in one batched ``topk``.
-One copy brings those candidates to the host. Each row then reads its candidates in key order
+For a batch of rows, ``rank_batch`` takes each row's distribution p (log-probabilities, shaped
+by the request's sampling parameters beforehand: ``tether.decode.shaping`` does it with vLLM's
+operations), perturbs it with counter-based Gumbel noise (``gumbel.gumbel_keys``), and takes
+the ``k`` best keys of every row in one batched ``topk``. One copy brings those candidates to the host. Each row then reads its candidates in key order
 through a ``CandidateStream``; only a row whose ``k`` candidates were all rejected goes back to
 the device for more (``topk`` again, twice as deep), and only the bounded-cost fallback asks the
 device for the exact allowed mass (``exact``).
-
-The order in which the request's sampling parameters shape p follows vLLM's sampler: the
-penalties first, on the logits (``apply_penalties``: repetition, then frequency and presence),
-then the logits are divided by the temperature, min-p drops tokens whose probability is below
-min_p times the largest, top-k keeps the k largest, and top-p keeps the smallest set of
-largest-probability tokens whose mass reaches p; the result is renormalized.
 """
 
 from __future__ import annotations
@@ -24,66 +18,6 @@ import numpy as np
 import torch
 
 from tether.samplers.gumbel import gumbel_keys
-
-
-def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], output_ids: list[int],
-                    repetition: float, frequency: float, presence: float) -> torch.Tensor:
-    """One row's logits (``[V]``) after vLLM's penalties, in vLLM's order.
-
-    Repetition r: the logit of a token seen in the prompt or the output is divided by r where
-    positive and multiplied by r where negative. Frequency f and presence q: a token's logit
-    loses f times its count in the output, and q if it occurs there at all.
-    """
-    vocab = logits.shape[-1]
-    device = logits.device
-    out = torch.tensor([t for t in output_ids if 0 <= t < vocab], dtype=torch.int64,
-                       device=device)
-    counts = torch.zeros(vocab, dtype=logits.dtype, device=device)
-    counts.index_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
-    logits = logits.clone()
-    if repetition != 1.0:
-        seen = counts > 0
-        prompt = torch.tensor([t for t in prompt_ids if 0 <= t < vocab], dtype=torch.int64,
-                              device=device)
-        seen[prompt] = True
-        penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
-        logits = torch.where(seen, penalized, logits)
-    if frequency != 0.0:
-        logits -= frequency * counts
-    if presence != 0.0:
-        logits -= presence * (counts > 0).to(logits.dtype)
-    return logits
-
-
-def shape_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                   top_p: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
-    """Log-probabilities (``[B, V]``, the logits' dtype) after temperature, min-p, top-k and
-    top-p.
-
-    ``temperature``: ``[B]`` (> 0); ``top_k``: ``[B]`` int (0 or >= V means off); ``top_p``:
-    ``[B]`` in (0, 1] (1 means off); ``min_p``: ``[B]`` in [0, 1] (0 means off). Filtered
-    tokens get -inf.
-    """
-    scaled = logits / temperature[:, None].to(logits.dtype)
-    if min_p is not None and bool((min_p > 0).any()):
-        probs = scaled.softmax(dim=-1)
-        floor = probs.amax(dim=-1, keepdim=True) * min_p[:, None].to(probs.dtype)
-        scaled = scaled.masked_fill(probs < floor, float("-inf"))
-    vocab = scaled.shape[-1]
-    k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k).to(torch.int64)
-    need_sort = bool(((k < vocab) | (top_p < 1.0)).any())
-    if need_sort:
-        sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=scaled.device)[None, :]
-        drop = ranks >= k[:, None]
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        probs = sorted_logits.softmax(dim=-1)
-        # keep a token if the mass strictly before it is below top_p (the first always stays)
-        before = probs.cumsum(dim=-1) - probs
-        drop = before >= top_p[:, None].to(probs.dtype)
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
-    return scaled.log_softmax(dim=-1)
 
 
 @dataclass
