@@ -1,12 +1,9 @@
 """TCA-Attention inside the real vLLM engine (``tether.decode.tca``), on the embedded SmolLM2.
 
 One TCA engine for the file (fp32, kv_budget 1.0: TCA captures queries and shifts read
-windows, and nothing is pruned), in-process in a child process of its own (``EngineChild``):
-vLLM keeps its distributed state and its KV connector per process, and an in-process engine's
-shutdown tears that state down, which would break the session's plain engine (``llm``, which
-gives the references here). The tests send the child the names of the ``scenario_*`` functions
-below, which run next to the live engine (its connectors, runner and layers are reachable) and
-answer with plain data.
+windows, and nothing is pruned), in a child process of its own (``tca_child.EngineChild``,
+which says why) beside the session's plain engine (``llm``, which gives the references here).
+The tests send the child the names of the ``scenario_*`` functions below.
 
 Orders that move a read window come from a test planner installed on the live scheduler
 connector; they free nothing and the test compactor moves nothing, so the cache holds every
@@ -17,15 +14,14 @@ the window dropped.
 from __future__ import annotations
 
 import copy
-import multiprocessing
 import pickle
-import traceback
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from conftest import TETHER, fixture, free_port, openai_client, running
+from tca_child import ChildError, EngineChild, greedy, parts, smollm2_budgets, spy
 
 pytestmark = pytest.mark.engine
 
@@ -52,17 +48,7 @@ class ShiftOrder:
 
 @pytest.fixture(scope="module")
 def budgets():
-    from tether.attention.calibrate import calibrate
-
-    text = fixture("wikitext-2", "valid-head.txt").read_text(encoding="utf-8")
-    return calibrate("smollm2", block=32, tokens=256, window=16, text=text)
-
-
-def greedy(llm, prompts, max_tokens=16, **params):
-    from vllm import SamplingParams
-
-    return llm.engine.llm.generate(
-        prompts, SamplingParams(temperature=0, max_tokens=max_tokens, **params), use_tqdm=False)
+    return smollm2_budgets()
 
 
 @pytest.fixture(scope="module")
@@ -75,84 +61,13 @@ def reference(llm):
             "awrs": (awrs.token_ids, awrs.finish_reason, awrs.log_weight)}
 
 
-# -- the child process that holds the TCA engine -------------------------------------------------
-
-class ChildError(RuntimeError):
-    """A scenario raised in the child; the message is its traceback."""
-
-
-class EngineChild:
-    def __init__(self, budgets_dict: dict):
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_child_main, args=(child, budgets_dict))
-        self.proc.start()
-        self._answer()  # the engine is up
-
-    def call(self, name: str, **kwargs):
-        self.conn.send((name, kwargs))
-        return self._answer()
-
-    def _answer(self):
-        if not self.conn.poll(900):
-            raise TimeoutError("the TCA engine's process did not answer")
-        status, value = self.conn.recv()
-        if status == "error":
-            raise ChildError(value)
-        return value
-
-    def close(self) -> None:
-        self.conn.send(None)
-        self.proc.join(120)
-        if self.proc.is_alive():
-            self.proc.kill()
-
-
-def _child_main(conn, budgets_dict: dict) -> None:
-    from tether.decode.llm import LLM
-
-    try:
-        llm = LLM("smollm2", tca=budgets_dict, kv_budget=1.0, max_model_len=1024,
-                  dtype="float32", num_gpu_blocks_override=POOL_BLOCKS)
-    except Exception:
-        conn.send(("error", traceback.format_exc()))
-        return
-    conn.send(("ok", None))
-    while (message := conn.recv()) is not None:
-        name, kwargs = message
-        try:
-            conn.send(("ok", globals()[name](llm, **kwargs)))
-        except Exception:
-            conn.send(("error", traceback.format_exc()))
-    llm.close()
-
-
 @pytest.fixture(scope="module")
 def tca(budgets):
-    child = EngineChild(budgets.to_dict())
+    child = EngineChild(__name__, model="smollm2", tca=budgets.to_dict(), kv_budget=1.0,
+                        max_model_len=1024, dtype="float32",
+                        num_gpu_blocks_override=POOL_BLOCKS)
     yield child
     child.close()
-
-
-def parts(llm):
-    """(scheduler connector, worker connector, worker) of an in-process engine."""
-    from vllm.distributed.kv_transfer import get_kv_transfer_group
-
-    core = llm.engine.llm.llm_engine.engine_core.engine_core
-    return core.scheduler.connector, get_kv_transfer_group(), \
-        core.model_executor.driver_worker.worker
-
-
-def spy(events, obj, name, label):
-    """Record each call of ``obj.name`` (an instance attribute shadowing the method)."""
-    original = getattr(obj, name)
-
-    def call(*args, **kwargs):
-        events.append(label(*args) if callable(label) else label)
-        return original(*args, **kwargs)
-
-    setattr(obj, name, call)
-    return lambda: delattr(obj, name)
 
 
 # -- scenarios (run in the child, next to the engine) ----------------------------------------------
@@ -210,7 +125,7 @@ def scenario_shift(llm, prompt, at, max_tokens):
                                          manager.get_block_ids(step.request.request_id)[0]))
         return orders
 
-    def compactor(order, kv_caches, queries, settings):
+    def compactor(order, kv_caches, queries, settings, kept):
         captured.append({"length": order.length, "layers": len(kv_caches),
                          "queries": queries.clone(), "scale": settings.scale,
                          "observe": settings.observe})
@@ -395,7 +310,7 @@ def test_unsupported_configurations_are_refused(budgets, monkeypatch, model, set
 def test_wiring_refuses_bad_settings(budgets, tmp_path):
     from tether.attention.budgets import BudgetError
     from tether.decode.engine import engine_args
-    from tether.decode.tca import TCAUnsupported
+    from tether.decode.tca import COMPACTOR, PLANNER, TCAUnsupported, resolve_callable
 
     with pytest.raises(ValueError, match="kv_budget"):
         engine_args("smollm2", tca=budgets)
@@ -404,11 +319,16 @@ def test_wiring_refuses_bad_settings(budgets, tmp_path):
     (tmp_path / "b.json").write_text("{}")
     with pytest.raises(BudgetError, match="not a TCA budgets file"):
         engine_args("smollm2", tca=tmp_path / "b.json", kv_budget=1.0)
-    with pytest.raises(TCAUnsupported, match="kv_budget < 1 needs in-engine compaction"):
-        engine_args("smollm2", tca=budgets, kv_budget=0.5)
+    with pytest.raises(TCAUnsupported, match="kv_budget < 1 needs in-engine compaction from "
+                                             "nowhere:plan"):
+        resolve_callable("nowhere:plan")
     args = engine_args("smollm2", tca=budgets, kv_budget=1.0)
     assert args["worker_cls"] == "tether.decode.tca.TCAWorker"
     assert args["kv_transfer_config"]["kv_role"] == "kv_producer"
+    assert "planner" not in args["kv_transfer_config"]["kv_connector_extra_config"]["tether_tca"]
+    extra = engine_args("smollm2", tca=budgets, kv_budget=0.5)["kv_transfer_config"][
+        "kv_connector_extra_config"]["tether_tca"]
+    assert (extra["kv_budget"], extra["planner"], extra["compactor"]) == (0.5, PLANNER, COMPACTOR)
 
 
 def test_step_metadata_survives_pickling():

@@ -9,14 +9,17 @@ code and nothing of the tensor work, which plugs in through two callables:
   block surgery on the manager and returns compaction orders: objects with the fields
   ``req_id, length, start_old, start_new, block_ids`` (picklable: they travel to the workers
   inside the step's ``SchedulerOutput``). ``start_new`` must be a multiple of the block size.
-* **the compactor** (each worker): ``compactor(order, kv_caches, queries, settings)``, called
-  for every order at the first hook of the step's ``execute_model``, before the forward and
+* **the compactor** (each worker): ``compactor(order, kv_caches, queries, settings, kept)``,
+  called for every order at the first hook of the step's ``execute_model``, before the forward and
   before the runner updates its batch. ``kv_caches[layer]`` is vLLM's cache of that layer
   (CPU: ``[num_blocks, H_kv, block, 2 * head]``, K and V packed by the kernel's ISA);
   ``queries[layer]`` is ``[m, H_q, head]``, the request's last ``m = min(w, observed)`` rotated
   queries in order, query ``j`` at position ``order.length - m + j``. It must leave every head's
   kept tokens in logical slots ``[start_new, length)``: from the next forward on, the request
-  reads only those (its read window) and attends as if its KV were that window.
+  reads only those (its read window) and attends as if its KV were that window. It returns
+  the kept tokens' logical positions ``[layers, H_kv, length - start_new]`` (or None), which
+  the worker keeps with the request and hands back as ``kept`` at its next compaction (None
+  before the first).
 
 What runs where, per step (hook order verified on the engine: ``tests/test_tca_engine.py``):
 
@@ -381,8 +384,9 @@ class TCAConnector(KVConnectorBase_V1, SupportsHMA):
                 raise RuntimeError(f"a compaction order for {order.req_id} reached a worker "
                                    "without a compactor")
             state.check_order(order)
-            self.compactor(order, self.kv_caches, state.queries(order.req_id), state.settings)
-            state.set_start(order.req_id, order.start_new)
+            kept = self.compactor(order, self.kv_caches, state.queries(order.req_id),
+                                  state.settings, state.requests[order.req_id].kept)
+            state.set_start(order.req_id, order.start_new, kept)
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         return
@@ -404,6 +408,7 @@ class _Request:
     slot: int
     start: int = 0  # P: first logical token the request reads
     written: int = 0  # queries stored since (re)admission (the ring keeps the last w)
+    kept: torch.Tensor | None = None  # the compactor's answer: positions held in [start, ...)
 
 
 @dataclass
@@ -462,8 +467,9 @@ class TCAState:
             raise RuntimeError(f"bad compaction order {order} (window starts at {req.start}, "
                                f"blocks of {bs})")
 
-    def set_start(self, req_id: str, start: int) -> None:
-        self.requests[req_id].start = start
+    def set_start(self, req_id: str, start: int, kept: torch.Tensor | None = None) -> None:
+        req = self.requests[req_id]
+        req.start, req.kept = start, kept
 
     def queries(self, req_id: str) -> torch.Tensor:
         """The request's stored queries ``[layers, m, H_q, head]``, oldest first."""

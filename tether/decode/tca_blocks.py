@@ -242,6 +242,21 @@ def compact_blocks(kv_cache_manager: KVCacheManager, req_id: str, *, length: int
     return Outcome(Verdict.COMPACT, order)
 
 
+def plan_request(kv_cache_manager: KVCacheManager, settings: CompactionSettings,
+                 request: Request, *, start: int, since_admission: int, decode_step: bool,
+                 opted_out: bool) -> Outcome:
+    """``decide`` for one scheduled request holding ``[start, L)`` (``L``: its tokens whose KV
+    is written), then, on ``COMPACT``, the surgery (``compact_blocks``)."""
+    length = request.num_computed_tokens - request.num_in_flight_tokens
+    verdict, target = decide(settings, length=length, start=start,
+                             since_admission=since_admission, decode_step=decode_step,
+                             opted_out=opted_out)
+    if verdict is not Verdict.COMPACT:
+        return Outcome(verdict, None)
+    return compact_blocks(kv_cache_manager, request.request_id, length=length,
+                          start_old=start, start_new=target)
+
+
 def is_decode_step(request: Request, num_scheduled: int, num_spec: int) -> bool:
     """Whether this step feeds ``request`` exactly one output token and no speculative token.
 
@@ -341,18 +356,15 @@ class TCABlocks:
                 raise RuntimeError(f"request {req_id!r} is scheduled but was never seen admitted")
             request = state.request
             length = request.num_computed_tokens - request.num_in_flight_tokens
-            verdict, target = decide(
-                self.settings, length=length, start=state.start,
+            verdict, order = plan_request(
+                self.kv_cache_manager, self.settings, request, start=state.start,
                 since_admission=length - state.admitted_at,
                 decode_step=is_decode_step(request, num_scheduled, len(spec.get(req_id, ()))),
                 opted_out=state.opted_out)
-            if verdict is Verdict.COMPACT:
-                verdict, order = compact_blocks(self.kv_cache_manager, req_id, length=length,
-                                                start_old=state.start, start_new=target)
-                if order is not None:
-                    orders.append(order)
-                    self.blocks_freed += (target - state.start) // self.settings.block_size
-                    state.start = target
+            if order is not None:
+                orders.append(order)
+                self.blocks_freed += (order.start_new - state.start) // self.settings.block_size
+                state.start = order.start_new
             self.verdicts[verdict] += 1
         return orders
 
@@ -367,3 +379,44 @@ class TCABlocks:
         except KeyError:
             raise KeyError(f"request {req_id!r} reached the scheduler half without "
                            "add_request (on_new_request not wired?)") from None
+
+
+# -- the engine's planner (``tether.decode.tca.PLANNER``) ------------------------------------------
+
+INTERVAL_BLOCKS = 4
+"""A compaction frees at least this many blocks: each one rescans the request's held KV in
+every layer, so at a budget f the window start advances by about (1 - f) per decoded token and
+a request compacts about every ``INTERVAL_BLOCKS * bs / (1 - f)`` tokens."""
+
+
+def compaction_settings(settings: Any) -> CompactionSettings:
+    """The decision's parameters for the engine's ``TCASettings``: the last ``w = observe``
+    queries score; at least the selection's tier 0 (``sinks`` and a window covering both the
+    calibrated window and the ``w`` observed tokens) is kept; a compaction frees at least
+    ``INTERVAL_BLOCKS`` blocks, so no request shorter than that plus ``min_keep`` compacts."""
+    budgets = settings.budgets
+    query_window = settings.observe
+    min_keep = budgets.sinks + max(budgets.window, query_window)
+    interval = INTERVAL_BLOCKS * settings.block_size
+    return CompactionSettings(kv_budget=settings.kv_budget, min_len=min_keep + interval,
+                              interval=interval, min_keep=min_keep,
+                              query_window=query_window, block_size=settings.block_size)
+
+
+def plan_compactions(kv_cache_manager: KVCacheManager, steps: list,
+                     settings: Any) -> list[CompactionOrder]:
+    """The engine's planner: for each ``TCAStep`` (one TCA request scheduled this step, from
+    ``TCAConnector.build_connector_meta``, which tracks the window start ``P`` and the tokens
+    ``observed`` since (re)admission and has left out opted-out requests), ``decide`` and, on
+    ``COMPACT``, the block surgery; returns the workers' orders. Speculative decoding is
+    refused at start-up, so a step schedules no speculative token."""
+    rule = compaction_settings(settings)
+    orders = []
+    for step in steps:
+        _, order = plan_request(kv_cache_manager, rule, step.request, start=step.start,
+                                since_admission=step.observed,
+                                decode_step=is_decode_step(step.request, step.num_new_tokens, 0),
+                                opted_out=False)
+        if order is not None:
+            orders.append(order)
+    return orders

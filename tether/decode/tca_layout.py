@@ -17,9 +17,12 @@ untested (no GPU where this was written).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
-from tether.attention.compact import PagedLayer, plain_offsets
+from tether.attention.budgets import plan
+from tether.attention.compact import PagedLayer, compact_layer, plain_offsets
 from tether.decode.engine import check_vllm_version
 
 CPU = "CPU_ATTN"
@@ -115,3 +118,43 @@ def paged_layer(kv_cache: torch.Tensor, backend: str, off: torch.Tensor) -> Page
     """One layer's cache as ``compact`` addresses it, with the map from ``probe_offsets``."""
     key, value = kv_views(kv_cache, backend)
     return PagedLayer.of(key, value, off)
+
+
+@lru_cache(maxsize=None)
+def _cpu_offsets(dtype: torch.dtype, num_kv_heads: int, head_size: int,
+                 block_size: int) -> torch.Tensor:
+    return probe_offsets(CPU, dtype, num_kv_heads, head_size, block_size)
+
+
+def compact_request(order, kv_caches: list[torch.Tensor], queries: torch.Tensor, settings,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The engine's compactor (``tether.decode.tca.COMPACTOR``), on vLLM's CPU_ATTN caches.
+
+    ``order``: a ``CompactionOrder`` (the request holds ``[P_old, L)`` in ``order.block_ids``,
+    logical blocks ``P_old / bs`` on); ``kv_caches[l]``: layer ``l``'s cache; ``queries
+    [layers, m, H_q, D]``: the request's last ``m <= w`` rotated queries; ``settings``: the
+    engine's ``TCASettings``; ``positions [layers, H_kv, n]``: what the previous compaction of
+    this request returned (None before the first).
+
+    Every layer keeps ``K = L - P_new`` of the ``n = L - P_old`` held tokens per KV head:
+    ``budgets.plan(budgets, n, K / n)`` scales the layer's calibrated profiles and sizes the
+    recent window (widened to the ``m`` observed queries and narrowed to leave room for the
+    sinks), ``compact_layer`` scores, selects a common count and moves the survivors into
+    ``[P_new, L)``. Returns the kept tokens' logical positions ``[layers, H_kv, K]`` (int32).
+    """
+    budgets = settings.budgets
+    L, P_old, P_new = order.length, order.start_old, order.start_new
+    held, count = L - P_old, L - P_new
+    profiles, window = plan(budgets, held, count / held)
+    window = min(max(window, queries.shape[1]), count - budgets.sinks)
+    first = kv_caches[0]
+    off = _cpu_offsets(first.dtype, settings.num_kv_heads, settings.head_size,
+                       settings.block_size).to(first.device)
+    block_ids = torch.tensor(order.block_ids, dtype=torch.long)
+    kept = []
+    for layer, cache in enumerate(kv_caches):
+        kept.append(compact_layer(
+            paged_layer(cache, CPU, off), block_ids, P_old, P_new, L, queries[layer],
+            profiles[layer], block=budgets.block, sinks=budgets.sinks, window=window,
+            scale=settings.scale, positions=None if positions is None else positions[layer]))
+    return torch.stack(kept).to(torch.int32)
