@@ -51,10 +51,11 @@ def hf_smollm2():
 
 @pytest.fixture(scope="module")
 def texts(hf_smollm2):
-    """Token prompts cut from the wikitext fixture: ``texts(i, n)`` is the i-th, n tokens."""
-    tokenizer = hf_smollm2[1]
-    text = fixture("wikitext-2", "valid-head.txt").read_text(encoding="utf-8")
-    return lambda i, n: tokenizer(text[i * 4000:(i + 1) * 4000]).input_ids[:n]
+    """Token prompts cut from the wikitext fixture (about 4,500 tokens): ``texts(i, n)`` is
+    the i-th, n tokens from its own offset (no two share a first block)."""
+    ids = hf_smollm2[1](fixture("wikitext-2", "valid-head.txt").read_text(encoding="utf-8"))
+    ids = ids.input_ids
+    return lambda i, n: ids[i * 373 % (len(ids) - n):][:n]
 
 
 # -- scenarios (run in the child, next to the engine) ----------------------------------------------
@@ -124,6 +125,112 @@ def scenario_generate(llm, prompts, max_tokens, **params):
                       **params)
     return rec.report(outputs=outputs(outs), seconds=time.perf_counter() - began)
 
+
+def scenario_chunked(llm, prompt, budget):
+    """The same prompt twice from an empty prefix cache, 6 greedy tokens: whole, then with
+    at most ``budget`` tokens scheduled per step (chunked prefill). Returns both reports and
+    the chunked run's scheduled token counts per step."""
+    scheduler = scheduler_of(llm)
+    reports = []
+    for limit in (None, budget):
+        llm.engine.llm.reset_prefix_cache()
+        saved = scheduler.max_num_scheduled_tokens
+        counts = []
+        original = scheduler.connector.build_connector_meta
+
+        def meta(out):
+            counts.append(sorted(out.num_scheduled_tokens.values()))
+            return original(out)
+
+        scheduler.connector.build_connector_meta = meta
+        if limit is not None:
+            scheduler.max_num_scheduled_tokens = limit
+        try:
+            reports.append(scenario_generate(llm, [prompt], max_tokens=6, logprobs=20))
+        finally:
+            scheduler.max_num_scheduled_tokens = saved
+            del scheduler.connector.build_connector_meta
+        reports[-1]["scheduled"] = counts
+    return reports
+
+
+def scenario_prefix(llm, prompt):
+    """From an empty prefix cache: A decodes ``prompt`` (and compacts), then B the same prompt,
+    then C the same prompt opted out; one after the other."""
+    llm.engine.llm.reset_prefix_cache()
+    got = []
+    for extra in (None, None, {"tether_tca": False}):
+        params = {"extra_args": extra} if extra else {}
+        got.append(scenario_generate(llm, [prompt], max_tokens=6, logprobs=20, **params))
+    return got
+
+
+def scenario_mixed(llm, prompts):
+    """One batch: the first prompt opted out, the second compacting."""
+    from vllm import SamplingParams
+
+    plain = SamplingParams(temperature=0, max_tokens=6, logprobs=20,
+                           extra_args={"tether_tca": False})
+    tca = SamplingParams(temperature=0, max_tokens=6, logprobs=20)
+    with Recorder(llm) as rec:
+        outs = llm.engine.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                       [plain, tca], use_tqdm=False)
+    return rec.report(outputs=outputs(outs))
+
+
+def scenario_abort(llm, prompt):
+    """A request compacts, is aborted mid-answer; a short request runs after it. Returns the
+    free block counts (before, after the compaction, at the end), what the scheduler half and
+    the workers still track, and the short request's output."""
+    from vllm import SamplingParams
+
+    engine = llm.engine.llm.llm_engine
+    scheduler = scheduler_of(llm)
+    conn, worker_conn, _ = parts(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    free = [pool.get_num_free_blocks()]
+    req_id = engine.add_request("abort-me", {"prompt_token_ids": prompt},
+                                SamplingParams(temperature=0, max_tokens=200))
+    steps = 0
+    while conn.tracked[req_id].compactions < 1 or steps < 3:
+        engine.step()
+        steps += 1
+    free.append(pool.get_num_free_blocks())
+    engine.abort_request(["abort-me"])
+    after = greedy(llm, [{"prompt_token_ids": prompt[:20]}], max_tokens=3)
+    free.append(pool.get_num_free_blocks())
+    return {"free": free, "total": pool.num_gpu_blocks, "tracked": list(conn.tracked),
+            "worker": list(worker_conn.state.requests), "id": req_id,
+            "after": outputs(after)}
+
+
+def scenario_preemption(llm, prompts, max_tokens):
+    """Greedy decoding of ``prompts`` together; also counts vLLM's preemptions per step."""
+    scheduler = scheduler_of(llm)
+    preempted = []
+    original = scheduler.connector.build_connector_meta
+
+    def meta(out):
+        preempted.extend(out.preempted_req_ids or ())
+        return original(out)
+
+    scheduler.connector.build_connector_meta = meta
+    try:
+        report = scenario_generate(llm, prompts, max_tokens=max_tokens)
+    finally:
+        del scheduler.connector.build_connector_meta
+    return {**report, "preempted": preempted}
+
+
+def scenario_smc(llm, prompt, particles, max_tokens):
+    """An SMC population of ``particles`` on one prompt (its blocks shared by prefix caching),
+    then the same prompt alone, opted out, greedy."""
+    llm.engine.llm.reset_prefix_cache()
+    with Recorder(llm) as rec:
+        result = llm.generate([prompt], max_tokens=max_tokens, particles=particles, seed=0)[0]
+    after = greedy(llm, [{"prompt_token_ids": prompt}], max_tokens=6, logprobs=20,
+                   extra_args={"tether_tca": False})
+    return rec.report(texts=[p.text for p in result.particles], after=outputs(after))
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -217,3 +324,100 @@ def test_long_answers_compact_repeatedly_and_stay_sensible(tca, texts):
         assert step["usage"][1] < step["usage"][0]
     assert sum(len(s["orders"]) for s in got["steps"]) == \
         sum(o["params"]["tether_tca"]["compactions"] for o in got["outputs"])
+
+
+def test_chunked_prefill_compacts_only_after_the_whole_prompt(tca, texts):
+    """With at most 64 tokens scheduled per step, the 300-token prompt prefills in 5 chunks;
+    the one compaction comes at the first decode step (L = 300), and it keeps the same
+    positions and gives the same answer as the prompt prefilled whole: the ring of observed
+    queries spans the chunks."""
+    whole, chunked = tca.call("scenario_chunked", prompt=texts(5, PROMPT_LEN), budget=64)
+    assert chunked["scheduled"][:6] == [[64]] * 4 + [[44], [1]]
+    for run in (whole, chunked):
+        (step,) = run["steps"]
+        assert [o[1:] for o in step["orders"]] == [(PROMPT_LEN, 0, FIRST_START)]
+    assert torch.equal(whole["kept"][0]["positions"], chunked["kept"][0]["positions"])
+    (a,), (b,) = whole["outputs"], chunked["outputs"]
+    assert a["tokens"] == b["tokens"] and a["params"] == b["params"]
+    for x, y in zip(a["logprobs"], b["logprobs"]):
+        assert x.keys() == y.keys()
+        assert max(abs(x[t] - y[t]) for t in x) < 1e-3
+
+
+def test_prefix_cache_serves_freed_blocks_and_never_rewritten_ones(tca, hf_smollm2, texts):
+    """A compacts [0, 300) -> [160, 300). B, the same prompt next, hits exactly A's 5 freed
+    leading blocks (160 tokens), not the rewritten ones, and answers as A did. C, the same
+    prompt opted out, hits the same 160 tokens and its log-probabilities equal full
+    attention's in transformers: the cached blocks hold the prompt's true KV."""
+    prompt = texts(6, PROMPT_LEN)
+    a, b, c = (run["outputs"][0] for run in tca.call("scenario_prefix", prompt=prompt))
+    assert a["cached"] == 0 and b["cached"] == FIRST_START == c["cached"]
+    assert a["params"] == b["params"] == {"tether_tca": {"window_start": FIRST_START,
+                                                         "compactions": 1}}
+    assert a["tokens"] == b["tokens"]
+    assert c["params"] is None
+    want = hf_logprobs(hf_smollm2[0], prompt, c["tokens"], len(c["tokens"]), None)
+    assert_logprobs_match(c["logprobs"], want)
+
+
+def test_opted_out_request_beside_a_compacting_one(tca, hf_smollm2, texts):
+    """In one batch, a request opted out with ``extra_args["tether_tca"] = False`` keeps its
+    whole KV (its log-probabilities are full attention's in transformers, no order names it)
+    while the other compacts."""
+    prompts = [texts(7, PROMPT_LEN), texts(8, PROMPT_LEN)]
+    got = tca.call("scenario_mixed", prompts=prompts)
+    plain, pruned = got["outputs"]
+    assert plain["params"] is None
+    assert pruned["params"] == {"tether_tca": {"window_start": FIRST_START, "compactions": 1}}
+    assert sum(len(s["orders"]) for s in got["steps"]) == 1
+    want = hf_logprobs(hf_smollm2[0], prompts[0], plain["tokens"], len(plain["tokens"]), None)
+    assert_logprobs_match(plain["logprobs"], want)
+
+
+def test_abort_after_a_compaction_frees_everything(tca, texts):
+    """A request aborted after its compaction: the freed blocks came back at the compaction,
+    the rest at the abort (every block of the pool is free again), and neither half tracks it
+    any more; the engine answers the next request."""
+    got = tca.call("scenario_abort", prompt=texts(9, PROMPT_LEN))
+    start, compacted, end = got["free"]
+    assert start == end == got["total"] - 1  # all but the pool's null block
+    assert compacted == start - (-(-(PROMPT_LEN + 3) // 32)) + FIRST_START // 32
+    assert got["tracked"] == [] and got["id"] not in got["worker"]
+    assert len(got["after"][0]["tokens"]) == 3
+
+
+@pytest.mark.slow
+def test_preemption_under_a_tight_pool_with_compaction(tca, texts):
+    """Three 672-token prompts fill the 63 usable blocks; their first decode step needs a 22nd
+    block each, so vLLM preempts one, and the others compact (12 blocks each) in that step.
+    The preempted request is re-admitted (prefix hits on its own unmodified blocks), starts
+    its ring again, and compacts once it has observed 128 queries; no preemption loop."""
+    prompts = [texts(i, 672) for i in (10, 11, 12)]
+    got = tca.call("scenario_preemption", prompts=prompts, max_tokens=100)
+    assert 1 <= len(got["preempted"]) <= 2
+    for out in got["outputs"]:
+        assert out["finish"] == "length" and len(out["tokens"]) == 100 and out["text"].strip()
+        assert out["params"]["tether_tca"]["compactions"] >= 1
+
+
+@pytest.mark.slow
+def test_smc_population_never_writes_shared_prompt_blocks(tca, hf_smollm2, texts):
+    """Four SMC particles share a 200-token prompt's 6 full blocks. A particle's compaction
+    whose kept blocks include a shared one defers (at L = 260 the target start 128 would keep
+    blocks 4 and 5): its first order comes at L = 324, start 192, where every kept block is
+    its own, and no order ever names a block with another holder. Every particle answers,
+    and afterwards the prompt's cached blocks still hold its true KV: an opted-out request on
+    it hits them and its log-probabilities equal full attention's in transformers."""
+    prompt = texts(13, 200)
+    got = tca.call("scenario_smc", prompt=prompt, particles=4, max_tokens=130)
+    assert len(got["texts"]) == 4 and all(t.strip() for t in got["texts"])
+    orders = [o for step in got["steps"] for o in step["orders"]]
+    assert orders and got["shared"] == [1] * len(orders)
+    first = {}
+    for req_id, length, _, start in orders:
+        first.setdefault(req_id, (length, start))
+    assert all(length >= 324 and start >= 192 for length, start in first.values())
+    (after,) = got["after"]
+    assert after["cached"] == 192
+    want = hf_logprobs(hf_smollm2[0], prompt, after["tokens"], len(after["tokens"]), None)
+    assert_logprobs_match(after["logprobs"], want)

@@ -291,20 +291,35 @@ def test_bad_opt_out_value_is_refused_before_the_engine(tca):
     ("gemma3", {}, {}, "sliding-window layers"),
     ("smollm2", {"kv_cache_dtype": "fp8"}, {}, "unquantized KV cache"),
     ("smollm2", {}, {"VLLM_USE_V2_MODEL_RUNNER": "1"}, "Model Runner V2"),
+    ("smollm2", {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
+                                        "prompt_lookup_max": 2}}, {}, "speculative decoding"),
 ])
 def test_unsupported_configurations_are_refused(budgets, monkeypatch, model, settings, env,
                                                 reason):
     """Refused when the worker starts, before the model loads (nothing of the process's vLLM
-    state is touched yet, so this runs in the test process). Model Runner V2: on a CPU whose
-    Triton has no CPU backend vLLM refuses it first ("Model Runner V2 requires Triton"); TCA's
-    own check (``check_config``) names it where vLLM would run it."""
+    state is touched yet, so this runs in the test process), with compaction on (kv_budget
+    0.4). Model Runner V2: on a CPU whose Triton has no CPU backend vLLM refuses it first
+    ("Model Runner V2 requires Triton"); TCA's own check (``check_config``) names it where
+    vLLM would run it."""
     from tether.decode.llm import LLM
     from tether.decode.tca import TCAUnsupported
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(TCAUnsupported if not env else ValueError, match=reason):
-        LLM(model, tca=budgets, kv_budget=1.0, max_model_len=1024, **settings)
+        LLM(model, tca=budgets, kv_budget=0.4, max_model_len=1024, **settings)
+
+
+def test_unsupported_vllm_version_is_refused(monkeypatch):
+    """All of TCA's vLLM-internal code was written for vLLM 0.32: another version is refused
+    by name before any of it runs (the worker and the connector check first)."""
+    import vllm
+
+    from tether.decode.tca import check_config
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    with pytest.raises(RuntimeError, match="tether is tested with vLLM >= 0.32.*found 0.33.0"):
+        check_config(None)
 
 
 def test_wiring_refuses_bad_settings(budgets, tmp_path):
