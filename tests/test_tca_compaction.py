@@ -421,3 +421,34 @@ def test_smc_population_never_writes_shared_prompt_blocks(tca, hf_smollm2, texts
     assert after["cached"] == 192
     want = hf_logprobs(hf_smollm2[0], prompt, after["tokens"], len(after["tokens"]), None)
     assert_logprobs_match(after["logprobs"], want)
+
+
+@pytest.mark.slow
+def test_served_engine_compacts_under_awrs(budgets, texts, tmp_path):
+    """``tether serve --tca FILE --kv-budget 0.4 --sampler awrs`` (the mp executor: orders are
+    pickled to the worker process): a JSON-schema request under AWRS and a plain 300-token
+    prompt; the plain one compacts (its response reports the window), both answer."""
+    import json
+
+    from conftest import TETHER, free_port, openai_client, running
+
+    path = tmp_path / "budgets.json"
+    budgets.save(path)
+    port = free_port()
+    cmd = [TETHER, "serve", "--max-model-len", "1024", "--dtype", "float32", "--tca",
+           str(path), "--kv-budget", "0.4", "--sampler", "awrs", "--host", "127.0.0.1",
+           "--port", str(port)]
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}},
+              "required": ["name"], "additionalProperties": False}
+    with running([cmd], tmp_path, port) as (base, _):
+        client = openai_client(base)
+        out = client.completions.create(model="smollm2", prompt=texts(14, PROMPT_LEN),
+                                        max_tokens=8, temperature=0)
+        awrs = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Name a cat, as JSON."}],
+            max_tokens=40, response_format={"type": "json_schema", "json_schema": {
+                "name": "cat", "schema": schema}})
+    assert out.kv_transfer_params == {"tether_tca": {"window_start": FIRST_START,
+                                                     "compactions": 1}}
+    assert out.choices[0].text
+    assert "name" in json.loads(awrs.choices[0].message.content)
