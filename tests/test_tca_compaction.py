@@ -452,3 +452,39 @@ def test_served_engine_compacts_under_awrs(budgets, texts, tmp_path):
                                                      "compactions": 1}}
     assert out.choices[0].text
     assert "name" in json.loads(awrs.choices[0].message.content)
+
+
+@pytest.mark.slow
+def test_data_parallel_engines_compact_in_their_own_pools(budgets, texts, tmp_path):
+    """``tether serve --data-parallel-size 2 --tca FILE --kv-budget 0.4``: four 300-token
+    prompts at once spread over both engines (vLLM's metrics count prompt tokens on each),
+    and every one of them compacts in its engine's pool."""
+    import concurrent.futures
+    import re
+    import urllib.request
+
+    from conftest import TETHER, free_port, openai_client, running
+
+    path = tmp_path / "budgets.json"
+    budgets.save(path)
+    port = free_port()
+    cmd = [TETHER, "serve", "--max-model-len", "1024", "--dtype", "float32", "--tca",
+           str(path), "--kv-budget", "0.4", "--data-parallel-size", "2", "--host",
+           "127.0.0.1", "--port", str(port)]
+    with running([cmd], tmp_path, port) as (base, _):
+        client = openai_client(base)
+
+        def one(i):
+            return client.completions.create(model="smollm2", prompt=texts(20 + i, PROMPT_LEN),
+                                             max_tokens=4, temperature=0)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(one, range(4)))
+        metrics = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
+    for out in outs:
+        assert out.kv_transfer_params == {"tether_tca": {"window_start": FIRST_START,
+                                                         "compactions": 1}}
+        assert out.choices[0].text
+    prompt_tokens = {engine: float(value) for engine, value in re.findall(
+        r'^vllm:prompt_tokens_total\{[^}]*engine="(\d)"[^}]*\} (\S+)', metrics, re.M)}
+    assert prompt_tokens.keys() == {"0", "1"} and min(prompt_tokens.values()) > 0
