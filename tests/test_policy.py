@@ -63,8 +63,9 @@ def test_particles_are_counted_per_http_request_and_endpoints_checked():
         policy.plan(params(extra_args={"tether_particles": 30}), TOKENS, AWRS, Limits(), scope)
     with pytest.raises(RequestError, match="asks for 90 particles"):
         policy.plan(params(extra_args={"tether_particles": 30}), TOKENS, AWRS, Limits(), scope)
-    with pytest.raises(RequestError, match="not /v1/responses"):
-        policy.plan(params(), TOKENS, AWRS, Limits(), RequestScope("/v1/responses", 64))
+    with pytest.raises(RequestError, match="not /v1/messages"):
+        policy.plan(params(), TOKENS, AWRS, Limits(), RequestScope("/v1/messages", 64))
+    assert policy.plan(params(), TOKENS, AWRS, Limits(), RequestScope("/v1/responses", 64))
 
 
 def test_disable_additional_properties_closes_every_object_schema(smollm2_vocab):

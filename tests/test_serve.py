@@ -357,9 +357,15 @@ def test_what_awrs_cannot_honour_is_refused(client):
     with pytest.raises(openai.BadRequestError, match="whitespace_pattern"):
         chat(client, "x", max_tokens=4, extra_body={"structured_outputs": {
             "json": {"type": "object"}, "whitespace_pattern": " ?"}})
-    with pytest.raises(openai.BadRequestError, match="awrs sampler"):
-        client.responses.create(model="smollm2", input="x", max_output_tokens=4, text={
-            "format": {"type": "json_schema", "name": "o", "schema": {"type": "object"}}})
+
+
+def test_endpoints_awrs_does_not_serve_refuse_it(server):
+    """Anthropic's /v1/messages with a JSON schema output: a 400 in its error format, naming
+    the endpoint, never a silently unconstrained answer."""
+    code, text = post(server, "/v1/messages", {
+        "model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}],
+        "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}})
+    assert code == 400 and "not /v1/messages" in text, text[:300]
 
 
 def test_closed_objects_under_awrs(client):

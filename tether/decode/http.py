@@ -9,10 +9,16 @@ For each HTTP request it
 2. with ``--pre-align``, rewrites the last user turn of a chat request, once vLLM's own request
    model has accepted the body (a request vLLM will refuse costs no rewrite); a request opts
    out with ``vllm_xargs: {"tether_pre_align": false}``;
-3. adds the ``tether`` field to the JSON response (one dict, or a list with one per prompt for
+3. refuses, on a chat or Responses request with ``tools``, a function tool whose parameters
+   are not a valid JSON Schema, naming it (``policy.check_tools``), before vLLM builds a
+   structural tag from it;
+4. adds the ``tether`` field to the JSON response (one dict, or a list with one per prompt for
    ``/v1/completions`` and batches), with non-finite numbers as null; the pre-alignment's
-   report goes there too, without whether it was cached or how long it took;
-4. refreshes the records gauge before ``/metrics`` answers.
+   report goes there too, without whether it was cached or how long it took. A streamed
+   response (server-sent events) gets it in one more event, the last before ``data: [DONE]``:
+   a chunk with the stream's ``id``, ``object``, ``created`` and ``model``, no choices, and the
+   ``tether`` field (the OpenAI client yields it as a chunk whose ``choices`` is empty);
+5. refreshes the records gauge before ``/metrics`` answers.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
-from tether.decode.policy import RequestScope
+from tether.decode.policy import RequestError, RequestScope, check_tools
 from tether.decode.server import REQUEST_SCOPE, TetherEngineClient
 
 log = logging.getLogger("tether.serve")
 
 CLIENT: TetherEngineClient | None = None  # the server's engine client (set by decode.serve)
 CHAT_PATH = "/v1/chat/completions"
+TOOL_PATHS = (CHAT_PATH, "/v1/responses")  # the endpoints whose requests carry tools
+DONE = b"data: [DONE]"
 
 
 async def tether_fields(request: Any, call_next: Any) -> Any:
@@ -50,14 +58,20 @@ async def tether_fields(request: Any, call_next: Any) -> Any:
     scope = RequestScope(path, client.settings.limits.max_particles)
     token = REQUEST_SCOPE.set(scope)
     try:
+        if request.method == "POST" and path in TOOL_PATHS:
+            refusal = await _check_tools(client, request)
+            if refusal is not None:
+                return refusal
         if client.aligner is not None and request.method == "POST" and path == CHAT_PATH:
             scope.rewrite = await _pre_align_body(client, request)
         response = await call_next(request)
     finally:
         REQUEST_SCOPE.reset(token)
+    media_type = response.headers.get("content-type", "").split(";")[0]
+    if media_type == "text/event-stream":
+        return _with_stream_field(response, scope)
     field = _field(scope)
-    if field is None or response.headers.get("content-type", "").split(";")[0] != \
-            "application/json":
+    if field is None or media_type != "application/json":
         return response
     body = b"".join([chunk async for chunk in response.body_iterator])
     try:
@@ -71,6 +85,65 @@ async def tether_fields(request: Any, call_next: Any) -> Any:
     headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
     return Response(body, status_code=response.status_code, headers=headers,
                     media_type="application/json")
+
+
+def _with_stream_field(response: Any, scope: RequestScope) -> Any:
+    """``response`` (server-sent events) with the ``tether`` field in an event of its own
+    before ``data: [DONE]``, once the stream's requests have finished (none: unchanged)."""
+    from starlette.responses import StreamingResponse
+
+    async def events():
+        last = None  # the last JSON event: its id, object, created and model are reused
+        async for chunk in response.body_iterator:
+            data = chunk.encode() if isinstance(chunk, str) else chunk
+            done = data.find(DONE)
+            last = _last_event(data if done < 0 else data[:done]) or last
+            if done >= 0:
+                try:
+                    event = json.loads(last[len(b"data: "):]) if last is not None else None
+                except ValueError:
+                    event = None
+                field = _field(scope)
+                if field is not None and isinstance(event, dict) and "error" not in event:
+                    event = {k: event[k] for k in ("id", "object", "created", "model")
+                             if k in event}
+                    event.update(choices=[], tether=field)
+                    text = json.dumps(to_jsonable_python(event, inf_nan_mode="null"),
+                                      allow_nan=False)
+                    data = data[:done] + f"data: {text}\n\n".encode() + data[done:]
+            yield data
+
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    return StreamingResponse(events(), status_code=response.status_code, headers=headers,
+                             media_type="text/event-stream")
+
+
+def _last_event(data: bytes) -> bytes | None:
+    """The last ``data: {...}`` line of ``data`` (None if there is none)."""
+    for line in reversed(data.splitlines()):
+        if line.startswith(b"data: {"):
+            return line
+    return None
+
+
+async def _check_tools(client: TetherEngineClient, request: Any) -> Any:
+    """A 400 response naming the first malformed tool of the request (``policy.check_tools``),
+    or None."""
+    from starlette.responses import JSONResponse
+
+    body = await request.body()
+    if b'"tools"' not in body:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None  # vLLM answers the malformed body itself
+    try:
+        check_tools(data, client.settings.options)
+    except RequestError as e:
+        return JSONResponse({"error": {"message": str(e), "type": "BadRequestError",
+                                       "param": e.parameter, "code": 400}}, status_code=400)
+    return None
 
 
 def _field(scope: RequestScope) -> dict | list | None:

@@ -60,6 +60,9 @@ class Result:
     resampling: list[dict] | None = None
     ancestry: list[dict] | None = None  # per particle: its uid and its parent's (copies)
     pre_align: Any = None  # the instruction's pre-alignment (alignment.prealign.Rewrite)
+    # LLM.chat: the message as the tool parser reads it (tool_calls: id, name, arguments)
+    content: str | None = None
+    tool_calls: list[dict] | None = None
 
     @property
     def valid(self) -> bool:
@@ -83,6 +86,8 @@ class Result:
             out["draws"] = [d.text for d in self.draws or []]
         if self.pre_align is not None:
             out["pre_align"] = self.pre_align.to_dict()
+        if self.tool_calls is not None:
+            out.update(content=self.content, tool_calls=self.tool_calls)
         return to_jsonable_python(out, inf_nan_mode="null")
 
 
@@ -201,6 +206,34 @@ class LLM:
         for result, rewrite in zip(results, rewrites or []):
             result.pre_align = rewrite
         return results
+
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None,
+             tool_choice: Any = None, parallel_tool_calls: bool = True,
+             tool_parser: str = "hermes", tool_strict_level: str = "auto",
+             chat_template: str | None = None, response_format: dict | None = None,
+             max_tokens: int = 256, **kwargs: Any) -> Result:
+        """Answer one conversation, with tool calls as ``tether serve`` makes them
+        (``decode.tools``): the tools (OpenAI's format) and ``tool_choice`` ("auto", "required",
+        ``{"type": "function", "function": {"name": ...}}``, "none") become the constraint vLLM's
+        ``tool_parser`` asks for, decoded by AWRS (with ``particles``: SMC); the prompt is the
+        model's chat template, or ``chat_template`` (a file or the template's text), rendered
+        with the tools. ``response_format`` is OpenAI's (json_schema, json_object,
+        structural_tag). Other keyword arguments are ``generate``'s.
+
+        The Result (and each particle and draw) carries ``content`` and ``tool_calls`` (id,
+        name, arguments parsed from JSON) as the parser reads the output, and its
+        ``log_weight``. A malformed tool raises ``ValueError`` naming it."""
+        from tether.decode.tools import plan_chat
+
+        plan = plan_chat(self.tokenizer, messages, tools, tool_choice, parallel_tool_calls,
+                         tool_parser, tool_strict_level, chat_template, response_format,
+                         max_tokens)
+        result = self.generate([plan.prompt_ids], plan.spec, max_tokens=max_tokens,
+                               **kwargs)[0]
+        for r in [result, *(result.particles or [])]:
+            message = plan.read(self.tokenizer, r.token_ids)
+            r.content, r.tool_calls = message["content"], message["tool_calls"]
+        return result
 
     def _pre_align(self, prompts: list, pre_align: Any, chat: bool | None):
         """Prompts with their last user turn rewritten, and the rewrites (``decode.prealign``)."""

@@ -23,7 +23,11 @@ Nothing a request asks for is dropped:
 * refused with a 400 naming it: ``logprobs``, ``prompt_logprobs`` (AWRS forces the tokens it
   decides), ``stop`` strings (the constraint decides where an output ends),
   ``whitespace_pattern``, multimodal inputs and prompt embeddings, and
-  AWRS requests on endpoints other than ``SERVED_PATHS``.
+  AWRS requests on endpoints other than ``SERVED_PATHS``;
+* tools (``check_tools``, before vLLM builds its structural tag from them): a function tool
+  whose ``parameters`` are not a valid JSON Schema (its draft's metaschema, tether's size and
+  depth limits) is refused with a 400 naming the entry (``tools[i]``) and the function, strict
+  or not, where the awrs sampler applies.
 
 Limits, per HTTP request: a request's particles (``max(n, tether_particles)`` for each of its
 prompts, summed over every prompt of a ``/v1/completions`` or batch request) may not exceed
@@ -43,7 +47,8 @@ from tether.errors import ConstraintError
 
 DEFAULT_MAX_PARTICLES = 64
 # the endpoints whose responses carry AWRS's results (the ``tether`` field)
-SERVED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/chat/completions/batch")
+SERVED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/chat/completions/batch",
+                "/v1/responses")
 CONSTRAINT_FIELDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
@@ -170,6 +175,38 @@ def plan(params: Any, prompt: Any, defaults: Options, limits: Limits,
     if "tether_tca" in xargs:
         extra["tether_tca"] = xargs["tether_tca"]
     return Plan(spec_from_structured_outputs(so), options, particles, extra)
+
+
+def check_tools(body: Any, defaults: Options) -> None:
+    """Refuse (``RequestError``, parameter ``tools``) the first function tool of a chat or
+    Responses request body whose ``parameters`` are not a valid JSON Schema, where the awrs
+    sampler applies (the server's, or the request's ``vllm_xargs.tether_sampler``). Entries
+    vLLM's request model refuses itself (no name, parameters that are not an object) are left
+    to it: it names them too."""
+    from tether import JsonSchema
+    from tether.constraints.grammar import schema_validator
+    from tether.constraints.specs import normalize
+
+    if not isinstance(body, dict) or not isinstance(body.get("tools"), list):
+        return
+    xargs = body.get("vllm_xargs")
+    sampler = xargs.get("tether_sampler") if isinstance(xargs, dict) else None
+    if (sampler or defaults.sampler) != "awrs" or body.get("tool_choice") == "none":
+        return
+    for i, tool in enumerate(body["tools"]):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            continue
+        function = tool.get("function", tool)  # chat: {"function": {...}}; Responses: flat
+        if not isinstance(function, dict) or not isinstance(function.get("parameters"), dict):
+            continue
+        where = "function." if "function" in tool else ""
+        name = f"tools[{i}].{where}parameters (function {function.get('name')!r})"
+        try:
+            normalize(JsonSchema(function["parameters"]))
+            schema_validator(function["parameters"], name)
+        except ConstraintError as e:
+            message = str(e) if str(e).startswith(name) else f"{name}: {e}"
+            raise RequestError(message, "tools") from None
 
 
 def _refuse_unsupported(params: Any, prompt: Any, so: Any) -> None:

@@ -18,9 +18,10 @@ every endpoint's ``generate`` call comes here. For each call:
 
 Streaming: with one particle the tokens stream as they are decided, with the text vLLM
 already decoded. With several, the population has to finish before a draw can be chosen, so
-the chosen draw is streamed as one chunk once SMC ends. Streamed responses carry no ``tether``
-field. A client that disconnects cancels the request: every particle is aborted and every
-record it left in the engines is collected.
+the chosen draw is streamed as one chunk once SMC ends. A stream's ``tether`` field comes in a
+chunk of its own, the last before ``[DONE]`` (``decode.http``). A client that disconnects
+cancels the request: every particle is aborted and every record it left in the engines is
+collected.
 
 Pre-alignment (``--pre-align``) lives here too because it decodes on this engine: a rewrite is
 one more constrained request (``decode.prealign`` builds it); rewrites run at most
@@ -212,7 +213,7 @@ class TetherEngineClient:
                 text = text[len(sent_text):] if text.startswith(sent_text) else ""
                 tokens = tokens[sent_tokens:]
             outputs.append((text, tokens, p.finish_reason))
-        if scope is not None and not streaming:
+        if scope is not None:  # the middleware sends it (a stream: in a chunk of its own)
             scope.fields[request_id] = tether_field(population, picks)
         yield _output(request_id, prompt_ids, outputs, finished=True)
 
