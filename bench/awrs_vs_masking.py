@@ -40,8 +40,12 @@ from common import DATA_NOTE
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 GENLM_PY = ROOT / "bench" / ".envs" / "genlm" / "bin" / "python"
-SYSTEMS = ("tether", "tether-lcd", "xgrammar", "guidance", "tether-smc", "genlm")
-SUBSET_SYSTEMS = ("tether-smc", "genlm")  # run on the first --genlm-schemas schemas
+# tether and tether-smc run with exact step weights (the default on llguidance constraints);
+# the -estimate systems with AWRS's estimated weights (the cost of exact weights: one mask per
+# step instead of the estimator's second check)
+SYSTEMS = ("tether", "tether-estimate", "tether-lcd", "xgrammar", "guidance", "tether-smc",
+           "tether-smc-estimate", "genlm")
+SUBSET_SYSTEMS = ("tether-smc", "tether-smc-estimate", "genlm")  # run on the first --genlm-schemas schemas
 
 
 def prompt_for(schema: dict) -> str:
@@ -64,7 +68,7 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 # -- workers (each runs in its own process) ----------------------------------------------------
 
-def run_tether(job: dict, sampler: str, particles: int = 1) -> dict:
+def run_tether(job: dict, sampler: str, particles: int = 1, weights: str = "auto") -> dict:
     from tether import ConstraintError
     from tether.decode.llm import LLM
 
@@ -84,7 +88,7 @@ def run_tether(job: dict, sampler: str, particles: int = 1) -> dict:
                                        "ess_threshold": job["genlm_ess_threshold"]}
     results = llm.generate(prompts, specs, max_tokens=job["max_tokens"],
                            temperature=job["temperature"], seed=job["seed"], sampler=sampler,
-                           **extra)
+                           weights=weights, **extra)
     wall = time.perf_counter() - t0
     outputs = {}
     for n, r in zip(names, results):
@@ -381,8 +385,13 @@ def main() -> None:
             result = run_tether(job, "awrs")
         elif args.worker == "tether-lcd":
             result = run_tether(job, "lcd")
+        elif args.worker == "tether-estimate":
+            result = run_tether(job, "awrs", weights="estimate")
         elif args.worker == "tether-smc":
             result = run_tether(job, "awrs", particles=job["genlm_particles"])
+        elif args.worker == "tether-smc-estimate":
+            result = run_tether(job, "awrs", particles=job["genlm_particles"],
+                                weights="estimate")
         elif args.worker == "genlm":
             result = run_genlm(job)
         else:

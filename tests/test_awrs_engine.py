@@ -139,7 +139,7 @@ def test_lcd_and_greedy(llm):
 def test_geometric_estimator(llm):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     results = llm.generate(["A number as JSON."] * 4, schema, max_tokens=24, seed=0,
-                           estimator="geometric", max_rejections=None)
+                           estimator="geometric", max_rejections=None, weights="estimate")
     assert any(r.finish_reason == "stop" for r in results)
     for r in results:
         assert math.isfinite(r.log_weight) and r.log_weight <= 0.0
@@ -147,6 +147,22 @@ def test_geometric_estimator(llm):
             assert isinstance(r.value["n"], int)
     with pytest.raises(ValueError, match="bounded"):
         llm.generate(["x"], schema, estimator="geometric", max_rejections=4)
+
+
+def test_weights_setting(llm):
+    """auto: exact where the mask is cheap (llguidance), the estimator elsewhere; exact on a
+    constraint without a cheap mask is refused before anything runs."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    auto = llm.generate(["A number as JSON."], schema, max_tokens=16, seed=0)[0]
+    assert auto.stats["weights"] == "exact" and auto.stats["checks_per_token"] == 1.0
+    assert math.isfinite(auto.log_weight) and auto.log_weight <= 0.0
+    word = Predicate(lambda text: "yes".startswith(text), complete=lambda text: text == "yes")
+    est = llm.generate(["Say yes."], word, max_tokens=4, seed=0)[0]
+    assert est.stats["weights"] == "estimate"
+    with pytest.raises(ValueError, match="cheap"):
+        llm.generate(["Say yes."], word, weights="exact")
+    with pytest.raises(ValueError, match="unknown weights"):
+        llm.generate(["x"], schema, weights="bogus")
 
 
 def test_top_p_with_no_allowed_token_falls_back(llm):

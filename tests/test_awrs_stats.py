@@ -3,7 +3,8 @@
 Random next-token distributions (vocabularies of 50, 1,000 and 49,152) and random accepted sets
 A (a random fifth of the vocabulary, a single token, and sets holding under 0.1% of the mass);
 20,000 draws per case with fixed seeds, through the same Gumbel ranking and candidate streams
-the engine uses. For each estimator (recursive, geometric) and for the bounded-cost mode:
+the engine uses. For each estimator (recursive, geometric), for the bounded-cost mode, and for
+exact weights (the mask's best token and Z_A, from ``rank_batch``, as the engine computes them):
 
 * the sampled tokens follow p restricted to A: chi-square test, rare categories pooled so that
   every expected count is at least 5, p-value above 1e-3;
@@ -18,7 +19,7 @@ shows a near-zero sample deviation. The test therefore uses the exact conditiona
 each draw, Var(W | path) = (1 - R - p(x))^2 t (1 - t) with t = (Z_A - p(x)) / (1 - R - p(x))
 the chance the coin comes up accepted; since E[W | path] = Z_A for every path, the mean's
 variance is the average of these over the draws. Exact (mask-finished) draws have none; a
-floor of 1e-9 Z_A covers float rounding.
+floor of 1e-9 Z_A covers float rounding: exact weights must equal Z_A to that precision.
 
 The unbounded estimators walk the vocabulary until they meet A, which for a rare A in 49,152
 tokens means thousands of checks per draw; those cases run in the bounded mode only.
@@ -72,11 +73,14 @@ def run(logprobs, allowed, method, seed):
     for start in range(0, N_DRAWS, batch):
         b = min(batch, N_DRAWS - start)
         ranked = rank_batch(logprobs[None, :].expand(b, vocab),
-                            [seed * 1_000_003 + i for i in range(start, start + b)], [0] * b, 8)
+                            [seed * 1_000_003 + i for i in range(start, start + b)], [0] * b, 8,
+                            masks=[allowed] * b if method == "exact" else None)
         for row in range(b):
             stream = ranked.stream(row)
             accept = allowed.__getitem__
-            if method == "recursive":
+            if method == "exact":
+                res = awrs.exact_weight(stream.masked(), accept)
+            elif method == "recursive":
                 res = awrs.recursive_awrs(stream, accept)
             elif method == "geometric":
                 res = awrs.geometric_awrs(stream, accept, rng)
@@ -136,6 +140,9 @@ CASES = [
     (1000, "rare", "recursive"), (1000, "rare", "geometric"), (1000, "rare", "bounded"),
     (49152, "fifth", "recursive"), (49152, "fifth", "geometric"), (49152, "fifth", "bounded"),
     (49152, "single", "bounded"), (49152, "rare", "bounded"),
+    (50, "fifth", "exact"), (50, "single", "exact"), (50, "rare", "exact"),
+    (1000, "fifth", "exact"), (1000, "rare", "exact"),
+    (49152, "fifth", "exact"), (49152, "rare", "exact"),
 ]
 
 
@@ -166,6 +173,24 @@ def test_awrs_against_exact_answers(vocab, kind, method):
 
     if method == "bounded":
         assert checks <= 4 + 2  # at most R rejections, then the accepted token and its coin
+    if method == "exact":
+        assert checks == 1  # the mask decides; one check confirms the token
+        assert np.allclose(weights, z, rtol=1e-9)  # no estimator noise at all
+
+
+def test_exact_weight_refuses_a_mask_its_checks_contradict():
+    logprobs, _, allowed = make_case(50, "fifth", 5)
+    ranked = rank_batch(logprobs[None, :], [1], [0], 8, masks=[allowed])
+    with pytest.raises(awrs.InconsistentMask):
+        awrs.exact_weight(ranked.stream(0).masked(), lambda token: False)
+    nothing = rank_batch(logprobs[None, :], [1], [0], 8, masks=[np.zeros(50, dtype=bool)])
+    res = awrs.exact_weight(nothing.stream(0).masked(), allowed.__getitem__)
+    assert res.dead and res.log_weight == -math.inf
+    # rows without a mask in the same batch keep their plain candidates
+    mixed = rank_batch(logprobs[None, :].expand(2, 50), [1, 1], [0, 0], 8, masks=[None, allowed])
+    assert np.array_equal(mixed.tokens[0], ranked.tokens[0])
+    with pytest.raises(ValueError):
+        mixed.stream(0).masked()
 
 
 def test_lcd_samples_the_masked_distribution():

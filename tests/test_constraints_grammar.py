@@ -71,3 +71,21 @@ def test_choice(vocab):
         assert refused is None and c.is_complete(state)
     refused, _ = walk(c, encode(vocab, "yellow"))
     assert refused == 0
+
+
+def test_enumeration_ends_with_every_eos_token(smollm2_vocab):
+    """A tokenizer with several EOS tokens: each complete text is enumerated once per EOS token,
+    since the sampler may end an output with any of them (``Constraint.eos_token_ids``)."""
+    from tether.constraints import TokenVocab
+    from tether.constraints.base import enumerate_outputs
+
+    vocab = TokenVocab(smollm2_vocab.hf, {0, 2})  # <|endoftext|> and <|im_end|>
+    c = Constraint.from_spec(Choice(["ab", "b"]), vocab)
+    assert c.eos_token_ids == {0, 2}
+    outputs = enumerate_outputs(c, max_tokens=4)
+    assert {o[-1] for o in outputs} == {0, 2}
+    by_text = {}
+    for o in outputs:
+        assert all(t not in (0, 2) for t in o[:-1])
+        by_text.setdefault(vocab.decode(o), set()).add(o[-1])
+    assert by_text == {"ab": {0, 2}, "b": {0, 2}}

@@ -193,3 +193,11 @@ def test_a_record_of_another_token_is_an_error_never_a_weight():
                                   1: StepRecord(7, -0.2, 1, 0, False, False, 0, 0)})
     driver._merge(particle, record)
     assert particle.failure["reason"] == "error" and "token 7" in particle.failure["message"]
+
+
+def test_weights_option():
+    assert Options().weights == "auto"
+    assert Options().override({"tether_weights": "estimate"}).weights == "estimate"
+    with pytest.raises(RequestError, match="tether_weights") as e:
+        Options().override({"tether_weights": "bogus"})
+    assert e.value.parameter == "tether_weights"

@@ -64,12 +64,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}")
     spec = _read_constraint(args)
     model = resolve(args.model)
-    if spec is not None:
-        compile_constraint(spec, model)  # fail on a bad spec before the engine starts
+    if spec is not None:  # fail on a bad spec (or weights) before the engine starts
+        from tether.decode.processor import check_weights
+
+        check_weights(args.weights, [compile_constraint(spec, model)])
     from tether.decode.llm import LLM
 
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                    sampler=args.sampler, chat=False if args.no_chat else None,
+                   weights=args.weights,
                    max_rejections=None if args.max_rejections == 0 else args.max_rejections)
     with LLM(model, verbose=args.verbose,
              constraint_budget=args.constraint_budget) as llm:
@@ -225,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="awrs: weighted rejection sampling; lcd: first accepted token")
     p_gen.add_argument("--max-rejections", type=int, default=16, metavar="R",
                        help="finish a step from the full mask after R rejections (0: never)")
+    p_gen.add_argument("--weights", choices=["auto", "exact", "estimate"], default="auto",
+                       help="step weights: the exact allowed mass (needs a cheap mask: "
+                       "schemas, regular expressions, grammars), AWRS's estimate, or auto")
     p_gen.add_argument("-n", type=int, default=1,
                        help="number of outputs (with --particles: posterior draws of one run)")
     p_gen.add_argument("--particles", type=int, default=1,

@@ -158,8 +158,11 @@ def enumerate_outputs(constraint: Constraint, max_tokens: int, limit: int = 100_
     """Every token sequence of at most ``max_tokens`` tokens (EOS included) that the constraint
     accepts, by depth-first search over its masks. For small finite languages (tests, exact
     benchmarks); raises ``ValueError`` past ``limit`` sequences.
+
+    A sequence ends with any of the constraint's EOS tokens (``eos_token_ids``: the tokenizer's
+    and the generation config's, the tokens the AWRS sampler ends an output with), so a model
+    with several gives each complete text once per EOS token, as the sampler can produce it.
     """
-    eos = min(constraint.eos_token_ids)
     out: list[list[int]] = []
 
     def walk(state: Any, prefix: list[int]) -> None:
@@ -168,10 +171,9 @@ def enumerate_outputs(constraint: Constraint, max_tokens: int, limit: int = 100_
         for token in np.nonzero(constraint.mask(state))[0]:
             token = int(token)
             if token in constraint.eos_token_ids:
-                if token == eos:
-                    out.append(prefix + [token])
-                    if len(out) > limit:
-                        raise ValueError(f"more than {limit} outputs")
+                out.append(prefix + [token])
+                if len(out) > limit:
+                    raise ValueError(f"more than {limit} outputs")
                 continue
             walk(constraint.advance(state, token), prefix + [token])
 

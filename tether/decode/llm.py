@@ -19,7 +19,7 @@ from pydantic_core import to_jsonable_python
 
 from tether.constraints import Constraint, compile_constraint
 from tether.decode.engine import Engine
-from tether.decode.processor import DEFAULT_BUDGET_S, DEFAULT_MAX_REJECTIONS
+from tether.decode.processor import DEFAULT_BUDGET_S, DEFAULT_MAX_REJECTIONS, check_weights
 from tether.decode.results import assemble
 from tether.decode.smc import Group, SMCDriver, SMCSettings, run_sync
 
@@ -152,7 +152,7 @@ class LLM:
                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                  seed: int | None = None, sampler: str = "awrs",
                  estimator: str = "recursive",
-                 max_rejections: int | None = DEFAULT_MAX_REJECTIONS,
+                 max_rejections: int | None = DEFAULT_MAX_REJECTIONS, weights: str = "auto",
                  chat: bool | None = None, particles: int = 1, ess_threshold: float = 0.5,
                  resampling: str = "systematic", n: int = 1,
                  trace: bool = False, pre_align: Any = None) -> list[Result]:
@@ -166,6 +166,10 @@ class LLM:
         ``estimator``: "recursive" or "geometric" (the AWRS paper's; needs
         ``max_rejections=None``). ``max_rejections``: after that many rejections in one step,
         finish the step exactly from the constraint's full mask (None: unbounded).
+        ``weights``: "exact" (each step's weight is the allowed mass itself, from the
+        constraint's full mask: no estimator noise; needs a constraint whose mask is cheap,
+        as llguidance's are), "estimate" (AWRS's unbiased estimator, ``estimator``) or "auto"
+        (exact where the mask is cheap, else the estimator); ``stats["weights"]`` says which ran.
         ``particles``: SMC particles per prompt (at least ``n``: ``n=4`` alone runs 4);
         ``ess_threshold``: resample when the effective sample size falls below this share of
         the particles; ``resampling``: systematic, multinomial, stratified or residual; ``n``:
@@ -191,12 +195,14 @@ class LLM:
         if pre_align:
             prompts, rewrites = self._pre_align(list(prompts), pre_align, chat)
         compiled = [self.constraint(c) if c is not None else None for c in specs]
+        check_weights(weights, compiled)
         settings = SMCSettings(max(particles, n), ess_threshold, resampling, n, trace)
         engine = self.engine.llm.llm_engine
         driver = SMCDriver([self.prompt_ids(p, chat) for p in prompts], compiled, settings,
                            seed=secrets.randbits(32) if seed is None else seed,
                            max_tokens=max_tokens, sampler=sampler, estimator=estimator,
                            max_rejections=max_rejections, budget_s=self.constraint_budget,
+                           weights=weights,
                            sampling={"temperature": temperature, "top_p": top_p, "top_k": top_k,
                                      "min_p": min_p, "repetition_penalty": repetition_penalty,
                                      "frequency_penalty": frequency_penalty,
@@ -285,7 +291,7 @@ class LLM:
         if population.failure is not None:
             stats["failure"] = population.failure
         stats["population"] = {k: population.stats[k] for k in (
-            "checks", "tokens", "resampling_events", "dead_particles")}
+            "weights", "checks", "tokens", "resampling_events", "dead_particles")}
         return Result(main.text, main.token_ids, main.finish_reason, main.log_weight,
                       main.value, stats, main.normalized_weight, particles=results,
                       log_z=population.log_z, draws=[results[i] for i in population.draws],

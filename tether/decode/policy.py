@@ -2,9 +2,10 @@
 which limits, and what is refused (an HTTP 400 naming the parameter).
 
 Options. ``Options`` is one pydantic model for the server's defaults (``--sampler``,
-``--particles``, ``--ess-threshold``, ``--awrs-max-rejections``, validated at start-up) and a
-request's overrides (``vllm_xargs`` keys ``tether_sampler``, ``tether_particles``,
-``tether_ess_threshold``, ``tether_max_rejections``, validated per request, strictly typed).
+``--particles``, ``--ess-threshold``, ``--awrs-max-rejections``, ``--awrs-weights``,
+validated at start-up) and a request's overrides (``vllm_xargs`` keys ``tether_sampler``,
+``tether_particles``, ``tether_ess_threshold``, ``tether_max_rejections``,
+``tether_weights``, validated per request, strictly typed).
 ``Limits`` holds what only the operator sets (``--max-particles``, ``--constraint-budget``).
 
 Which requests. With the ``awrs`` sampler, a request whose sampling parameters carry a
@@ -70,6 +71,7 @@ class Options(BaseModel):
     particles: int = Field(1, ge=1)
     ess_threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
     max_rejections: int = Field(DEFAULT_MAX_REJECTIONS, ge=0, le=1 << 20)
+    weights: Literal["auto", "exact", "estimate"] = "auto"
 
     def override(self, xargs: dict[str, Any]) -> "Options":
         """These options with a request's ``tether_*`` overrides (``RequestError`` naming the

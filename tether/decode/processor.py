@@ -12,8 +12,20 @@ they already are (the GPU in production) and, for the constrained rows only:
 3. on the host, runs the row's AWRS step (``samplers.awrs``) against its constraint state;
    only a row whose candidates are all rejected goes back to the device for more, and only the
    bounded-cost fallback asks for the constraint's full mask;
+   rows with exact weights (below) bring their full mask to step 2 instead, and get their
+   token and exact weight from that same batched operation and copy;
 4. forces the chosen token: the row becomes -inf except that token (0), so whatever vLLM's
    sampler does next (penalties, temperature, top-k/p, greedy or random) returns it.
+
+Weights (``ParticleConfig.weights``). "exact": the step weight is the allowed mass Z_A itself,
+computed on the device from the constraint's mask and the logits already there
+(``awrs.exact_weight``: the token is still AWRS's draw, the allowed token with the largest
+key); it needs a constraint whose full mask is cheap (``Constraint.cheap_mask``: llguidance's
+schemas, regexes, grammars, choices), and a row whose constraint has none fails with
+``error``. "estimate": AWRS's unbiased estimator (``estimator``). "auto" (the default): exact
+where the mask is cheap, the estimator elsewhere (partial-matching regexes, predicates). The
+mode that ran is recorded (``ParticleRecord.weights``); greedy rows and the lcd sampler carry
+no weight.
 
 The target. Each step samples from the distribution vLLM's sampler would sample from (the
 shaping above), restricted to the allowed tokens. Where truncation (min-p, top-k, top-p) leaves
@@ -107,6 +119,7 @@ class ParticleConfig:
     prefix: tuple[int, ...] = field(default_factory=tuple)
     budget_s: float | None = DEFAULT_BUDGET_S
     population: str | None = None
+    weights: str = "auto"
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -121,6 +134,9 @@ class ParticleConfig:
                 and self.sampler == "awrs":
             raise ValueError("the geometric estimator has no bounded-cost form; "
                              "use max_rejections=None with it, or the recursive estimator")
+        if self.weights not in awrs.WEIGHTS:
+            raise ValueError(f"unknown weights {self.weights!r}; use one of "
+                             f"{', '.join(awrs.WEIGHTS)}")
         if self.budget_s is not None and not self.budget_s >= 0:
             raise ValueError("the constraint budget must be a number of seconds >= 0")
 
@@ -128,7 +144,8 @@ class ParticleConfig:
         return {EXTRA_KEY: {"spec": self.spec, "key": self.key, "sampler": self.sampler,
                             "estimator": self.estimator, "max_rejections": self.max_rejections,
                             "seed": self.seed, "prefix": list(self.prefix),
-                            "budget_s": self.budget_s, "population": self.population}}
+                            "budget_s": self.budget_s, "population": self.population,
+                            "weights": self.weights}}
 
     @classmethod
     def from_extra_args(cls, extra: dict | None) -> "ParticleConfig | None":
@@ -138,7 +155,7 @@ class ParticleConfig:
         if not isinstance(raw, dict) or "spec" not in raw or "key" not in raw:
             raise ValueError("extra_args['tether'] needs at least 'spec' and 'key'")
         known = {"spec", "key", "sampler", "estimator", "max_rejections", "seed", "prefix",
-                 "budget_s", "population"}
+                 "budget_s", "population", "weights"}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"unknown extra_args['tether'] fields: {', '.join(sorted(unknown))}")
@@ -147,7 +164,21 @@ class ParticleConfig:
                    max_rejections=raw.get("max_rejections", DEFAULT_MAX_REJECTIONS),
                    seed=int(raw.get("seed", 0)), prefix=tuple(raw.get("prefix", ())),
                    budget_s=raw.get("budget_s", DEFAULT_BUDGET_S),
-                   population=raw.get("population"))
+                   population=raw.get("population"), weights=raw.get("weights", "auto"))
+
+
+def check_weights(weights: str, constraints: list[Any]) -> None:
+    """``ValueError`` for an unknown ``weights`` setting, or "exact" with a constraint whose
+    full mask is not cheap (one check per vocabulary entry: partial matching, predicates)."""
+    if weights not in awrs.WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; use one of {', '.join(awrs.WEIGHTS)}")
+    if weights == "exact":
+        for c in constraints:
+            if c is not None and not c.cheap_mask:
+                raise ValueError(f"weights='exact' needs a constraint whose full mask is cheap "
+                                 f"(llguidance: JSON schemas, regular expressions, grammars, "
+                                 f"choices); {c.spec.describe()} is checked by {c.engine}: use "
+                                 f"weights='auto' or 'estimate'")
 
 
 class _Row:
@@ -186,10 +217,13 @@ class _Row:
         self.seed = mix_seed(cfg.seed)
         self.constraint = None
         self.state = None
+        self.weights: str | None = None
         try:
             self.constraint = compile_constraint(Spec.from_wire(cfg.spec), vocab)
             self.stop_ids |= frozenset(self.constraint.eos_token_ids)
             self.cheap_mask = self.constraint.cheap_mask
+            self.weights = self._weights()
+            self.record.weights = self.weights
             state = self.constraint.start()
             with budget.deadline(self.allowance()):
                 for t in cfg.prefix:  # decided by this same constraint: no need to recheck
@@ -199,6 +233,16 @@ class _Row:
             self.fail("budget", f"replaying the resampled prefix: {e}")
         except Exception as e:
             self.fail("error", f"{type(e).__name__}: {e}")
+
+    def _weights(self) -> str | None:
+        """The weights this row computes: "exact", "estimate", or None (no weight)."""
+        if self.greedy or self.cfg.sampler == "lcd":
+            return None
+        if self.cfg.weights == "exact" and not self.cheap_mask:
+            raise ValueError(f"weights='exact' needs a constraint with a cheap full mask "
+                             f"(llguidance); this one is checked by {self.constraint.engine}")
+        exact = self.cfg.weights == "exact" or self.cfg.weights == "auto" and self.cheap_mask
+        return "exact" if exact else "estimate"
 
     # -- failures -------------------------------------------------------------------------------
     @property
@@ -251,6 +295,8 @@ class _Row:
 
     def decide(self, stream: CandidateStream) -> awrs.StepResult:
         cfg = self.cfg
+        if self.weights == "exact":  # token and Z_A came with the ranking (rank_batch)
+            return awrs.exact_weight(stream.masked(), self.accept)
         # The full-mask fallback only where a mask costs about as much as a few checks.
         bounded = cfg.max_rejections if self.cheap_mask else None
         if self.greedy or cfg.sampler == "lcd":
@@ -389,7 +435,8 @@ class AWRSLogitsProcessor(LogitsProcessor):
                                                 False, 0.0, 0.0)
         return row.stop_token
 
-    def _rank(self, logits: torch.Tensor, rows: list[tuple[int, _Row]], truncate: bool):
+    def _rank(self, logits: torch.Tensor, rows: list[tuple[int, _Row]], truncate: bool,
+              masks: dict[int, np.ndarray]):
         dev = logits.device
         shaped = logits[torch.tensor([i for i, _ in rows], device=dev)]
         penalized = [j for j, (_, r) in enumerate(rows) if r.penalized]
@@ -403,29 +450,51 @@ class AWRSLogitsProcessor(LogitsProcessor):
             torch.tensor([r.top_p if truncate else 1.0 for _, r in rows], device=dev),
             torch.tensor([r.min_p if truncate else 0.0 for _, r in rows], device=dev))
         return rank_batch(logprobs, [r.seed for _, r in rows], [r.step for _, r in rows],
-                          CANDIDATES, noise=[not r.greedy for _, r in rows])
+                          CANDIDATES, noise=[not r.greedy for _, r in rows],
+                          masks=[masks.get(i) for i, _ in rows])
 
     def _decide(self, logits: torch.Tensor, live: list[tuple[int, _Row]],
                 grants: StepGrants) -> dict[int, int]:
         from tether.decode.records import StepRecord
 
+        # rows with exact weights: their masks first (constraint time, under their grants)
+        masks: dict[int, np.ndarray] = {}
+        mask_s: dict[int, float] = {}
+        forced = {}
+        ranked_rows = []
+        for i, row in live:
+            if row.weights == "exact":
+                t1 = time.perf_counter()
+                mask = _run_granted(row, grants.grant(row), row.allowed)
+                elapsed = time.perf_counter() - t1
+                row.spent += elapsed
+                grants.charge(row, elapsed)
+                mask_s[i] = elapsed
+                if mask is None:
+                    forced[i] = self._end(row)
+                    continue
+                masks[i] = mask
+            ranked_rows.append((i, row))
+        live = ranked_rows
+        if not live:
+            return forced
         t0 = time.perf_counter()
         try:
-            ranked = self._rank(logits, live, truncate=True)
+            ranked = self._rank(logits, live, truncate=True, masks=masks)
         except Exception:  # a row's parameters broke the batched operation: rank rows alone
             ranked = None
         shared_device_s = (time.perf_counter() - t0) / len(live)
-        forced = {}
         for j, (i, row) in enumerate(live):
             t1 = time.perf_counter()
 
             def step(j=j, i=i, row=row):
                 stream = ranked.stream(j) if ranked is not None else \
-                    self._rank(logits, [(i, row)], truncate=True).stream(0)
+                    self._rank(logits, [(i, row)], truncate=True, masks=masks).stream(0)
                 result = row.decide(stream)
                 if result.dead and row.truncates:
                     # Nothing allowed inside the truncation: redo on the full distribution.
-                    stream = self._rank(logits, [(i, row)], truncate=False).stream(0)
+                    stream = self._rank(logits, [(i, row)], truncate=False,
+                                        masks=masks).stream(0)
                     return row.decide(stream), True, stream
                 return result, False, stream
 
@@ -440,6 +509,7 @@ class AWRSLogitsProcessor(LogitsProcessor):
             constraint_s = max(0.0, elapsed - stream.device_seconds)
             row.spent += constraint_s
             grants.charge(row, constraint_s)
+            constraint_s += mask_s.get(i, 0.0)
             token = result.token
             if token is None:
                 token = row.stop_token

@@ -3,7 +3,8 @@ processor writes, and compiled constraints; and how callers reach both.
 
 Where records live. The processor runs inside vLLM's workers; each worker process keeps a
 module-level store, keyed by the particle's request id. A record holds one entry per decoding
-step (token, log weight, checks, times), the step at which the particle died, a failure
+step (token, log weight, checks, times), the weights it computes (exact or estimated), the
+step at which the particle died, a failure
 (``budget`` or ``error``) if its constraint could not be checked, and the data-parallel rank of
 the engine that computed it.
 
@@ -78,6 +79,7 @@ class ParticleRecord:
     # be checked (its time budget ran out, or it raised); the particle was ended at that step
     failure: dict | None = None
     engine: int | None = None  # data-parallel rank of the engine that computed it
+    weights: str | None = None  # "exact" | "estimate" | None (no weight: lcd, greedy)
 
     def summary(self, n_tokens: int | None = None) -> dict:
         """Totals over steps ``0..n_tokens-1`` (all recorded steps if None)."""
@@ -85,13 +87,16 @@ class ParticleRecord:
             n_tokens = (max(self.steps) + 1) if self.steps else 0
         steps = [self.steps[i] for i in range(n_tokens) if i in self.steps]
         log_weights = [s.log_weight for s in steps]
+        checks = sum(s.checks for s in steps)
         dead = self.dead_step is not None and self.dead_step < max(n_tokens, 1)
         return {
             "key": self.key,
             "log_weight": -math.inf if dead else math.fsum(log_weights),
             "step_log_weights": log_weights,
             "tokens": len(steps),
-            "checks": sum(s.checks for s in steps),
+            "weights": self.weights,
+            "checks": checks,
+            "checks_per_token": checks / len(steps) if steps else 0.0,
             "rejections": sum(s.rejections for s in steps),
             "exact_steps": sum(s.exact for s in steps),
             "untruncated_steps": sum(s.untruncated for s in steps),
@@ -103,13 +108,13 @@ class ParticleRecord:
 
     def to_dict(self, since: int = 0) -> dict:
         return {"key": self.key, "dead_step": self.dead_step, "failure": self.failure,
-                "engine": self.engine,
+                "engine": self.engine, "weights": self.weights,
                 "steps": {i: asdict(s) for i, s in self.steps.items() if i >= since}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ParticleRecord":
         return cls(d["key"], {int(i): StepRecord(**s) for i, s in d["steps"].items()},
-                   d["dead_step"], d["failure"], d["engine"])
+                   d["dead_step"], d["failure"], d["engine"], d.get("weights"))
 
 
 # -- the worker side ------------------------------------------------------------------------------

@@ -82,6 +82,8 @@ def assemble(group: Any, draws: int, decode: Callable[[list[int]], str],
     totals = {"checks": sum(o.stats.get("checks", 0) for o in outputs),
               "tokens": sum(o.stats.get("tokens", 0) for o in outputs),
               "rejections": sum(o.stats.get("rejections", 0) for o in outputs),
+              "weights": next((o.stats["weights"] for o in outputs if o.stats.get("weights")),
+                              None),
               "dead_particles": sum(o.finish_reason == "constraint" for o in outputs),
               "resampling_events": len(group.resamples),
               "copies": sum(len(e["clones"]) for e in group.resamples),
@@ -111,7 +113,7 @@ def _particle(group: Any, particle: Any, decode: Callable, stop_ids: frozenset,
         return ParticleOutput(particle.uid, particle.parent, list(particle.tokens), text,
                               finish, 0.0, None, {}, particle.engine, particle.failure)
     record = ParticleRecord("", {i: s for i, s in enumerate(particle.steps) if s is not None},
-                            failure=particle.failure)
+                            failure=particle.failure, weights=particle.weights)
     stats = record.summary(len(particle.tokens))
     del stats["key"]
     stats["dead"] = finish == "constraint"

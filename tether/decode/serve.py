@@ -30,7 +30,7 @@ complete particle) are sent as null.
 
 Per-request overrides travel in ``vllm_xargs``: ``tether_sampler`` ("awrs" or "default"),
 ``tether_particles``, ``tether_ess_threshold``, ``tether_max_rejections`` (0: unbounded),
-``tether_pre_align`` (false: opt out).
+``tether_weights`` ("auto", "exact", "estimate"), ``tether_pre_align`` (false: opt out).
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ def build_parser():
     group.add_argument("--awrs-max-rejections", type=int, default=DEFAULT_MAX_REJECTIONS,
                        help="finish a step from the full mask after R rejections (0: never); "
                        "only for constraints whose mask is cheap (llguidance)")
+    group.add_argument("--awrs-weights", choices=["auto", "exact", "estimate"], default="auto",
+                       help="SMC step weights: exact (the allowed mass, from the constraint's "
+                       "full mask), estimate (AWRS's unbiased estimator), auto (exact where "
+                       "the mask is cheap: llguidance; the default)")
     group.add_argument("--max-particles", type=int, default=DEFAULT_MAX_PARTICLES,
                        help="the most particles (and n) one request may ask for; more is "
                        "answered with 400")
@@ -104,6 +108,7 @@ def build_parser():
 _FLAGS = {("options", "sampler"): "--sampler", ("options", "particles"): "--particles",
           ("options", "ess_threshold"): "--ess-threshold",
           ("options", "max_rejections"): "--awrs-max-rejections",
+          ("options", "weights"): "--awrs-weights",
           ("limits", "max_particles"): "--max-particles",
           ("limits", "constraint_budget"): "--constraint-budget"}
 
@@ -119,7 +124,8 @@ def server_settings(args: Any, parser: Any) -> Any:
         validated = ServerOptions(
             options=Options(sampler=args.sampler, particles=args.particles,
                             ess_threshold=args.ess_threshold,
-                            max_rejections=args.awrs_max_rejections),
+                            max_rejections=args.awrs_max_rejections,
+                            weights=args.awrs_weights),
             limits=Limits(max_particles=args.max_particles,
                           constraint_budget=args.constraint_budget))
     except ValidationError as e:

@@ -43,6 +43,7 @@ from typing import Any, AsyncGenerator
 
 from tether.decode import policy
 from tether.decode.policy import Limits, Options, RequestScope
+from tether.decode.processor import check_weights
 from tether.decode.records import count_async, prepare_async
 from tether.decode.results import Population, assemble
 from tether.decode.smc import SMCDriver, SMCSettings, run_async
@@ -130,6 +131,12 @@ class TetherEngineClient:
             plan = policy.plan(sampling_params, prompt, self.settings.options,
                                self.settings.limits, scope)
             constraint = None if plan is None else await self._compile(plan.spec)
+            if constraint is not None:
+                try:
+                    check_weights(plan.options.weights, [constraint])
+                except ValueError as e:
+                    raise policy.RequestError(f"vllm_xargs.tether_weights: {e}",
+                                              "tether_weights") from None
         except ConstraintError as e:
             from vllm.exceptions import VLLMValidationError
 
@@ -187,7 +194,7 @@ class TetherEngineClient:
                            sampling={k: v for k, v in sampling.items() if v is not None},
                            run_id=uuid.uuid4().hex,  # never the client's id
                            budget_s=self.settings.limits.constraint_budget,
-                           extra_args=plan.extra_args)
+                           extra_args=plan.extra_args, weights=options.weights)
         streaming = params.output_kind == RequestOutputKind.DELTA
         stream_one = streaming and plan.particles == 1
         sent_tokens, sent_text = 0, ""
@@ -338,7 +345,8 @@ def tether_field(population: Population, picks: list[int]) -> dict:
             # copies made at resampling, and the prompt tokens the engines computed for all of
             # them (the rest came from the prefix cache)
             "copies": stats["copies"], "copy_prefill_tokens": stats["copy_prefill_tokens"],
-            "stats": {"checks": stats["checks"], "tokens": stats["tokens"],
+            "stats": {"weights": stats["weights"], "checks": stats["checks"],
+                      "tokens": stats["tokens"],
                       "checks_per_token": stats["checks"] / stats["tokens"]
                       if stats["tokens"] else 0.0,
                       "rejections": stats["rejections"],

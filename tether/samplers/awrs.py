@@ -19,7 +19,7 @@ r_1, ..., r_k be the rejected tokens before x and R = \sum_i p(r_i) their mass.
 Every function here returns a ``StepResult``; when every token with positive probability is
 rejected, the token is None and the log weight -inf (the particle is dead, nothing hangs).
 
-Three weight estimators:
+Three weight estimators, and the exact weight:
 
 ``recursive_awrs`` (default, lower variance). Write t(S) = Z_A / p(S) for the chance that a draw
 from p restricted to the untested set S is accepted. Drawing y first,
@@ -45,6 +45,15 @@ classical unbiased estimator, and N is independent of which accepted tokens were
 properly weighted. Draws of already-rejected tokens need no check: their number before each new
 candidate is geometric, "phantom" rejections counted with a host random generator; only new
 candidates (taken in key order) are tested. The first accepted token is the sample.
+
+``exact_weight`` (Rao-Blackwellised, where the constraint's full mask is cheap). The token is
+the allowed token with the largest Gumbel key: the same token the rejection loop above reaches
+first, so the same exact draw from \pi. Its weight is Z_A itself, computed on the device from the
+mask and the logits (``candidates.rank_batch``): E[W | x] = Z_A holds with no variance at all,
+where the recursive estimator's coin flip has Var(W | path) = (1 - R - p(x))^2 t (1 - t) (t the
+coin's chance of acceptance). That noise is what an SMC population pays for in effective
+sample size; this estimator removes it at the cost of one mask per step. One check confirms
+the token (a mask that disagrees with the checks raises ``InconsistentMask``).
 
 ``lcd`` (``proper_weights=False``): the first accepted token, no weight: locally constrained
 decoding, the distribution that token masking samples from, as a baseline.
@@ -78,6 +87,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 ESTIMATORS = ("recursive", "geometric")
+# auto: exact where the constraint's mask is cheap, the estimator elsewhere
+WEIGHTS = ("auto", "exact", "estimate")
 
 
 class Candidates(Protocol):
@@ -158,6 +169,17 @@ def recursive_awrs(cands: Candidates, accept: Callable[[int], bool], *,
         if accept(follower[0]):
             return StepResult(token, math.log(high), checks, rejections, coin_high=high)
         return StepResult(token, logp, checks, rejections + 1, coin_high=high)
+
+
+def exact_weight(found: tuple[int, float] | None, accept: Callable[[int], bool]) -> StepResult:
+    """The step from the mask: ``found`` is (the allowed token with the largest key, log Z_A),
+    or None when no allowed token has positive probability (the particle is dead)."""
+    if found is None:
+        return StepResult(None, -math.inf, 0, 0, exact=True)
+    token, log_mass = found
+    if not accept(token):
+        raise InconsistentMask(f"token {token} is in the mask but its check rejects it")
+    return StepResult(token, log_mass, 1, 0, exact=True)
 
 
 def geometric_awrs(cands: Candidates, accept: Callable[[int], bool],
