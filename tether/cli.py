@@ -65,7 +65,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     spec = _read_constraint(args)
     model = resolve(args.model)
     if spec is not None:  # fail on a bad spec (or weights) before the engine starts
-        from tether.decode.processor import check_weights
+        from tether.samplers.awrs import check_weights
 
         check_weights(args.weights, [compile_constraint(spec, model)])
     from tether.decode.llm import LLM

@@ -19,7 +19,8 @@ from pydantic_core import to_jsonable_python
 
 from tether.constraints import Constraint, compile_constraint
 from tether.decode.engine import Engine
-from tether.decode.processor import DEFAULT_BUDGET_S, DEFAULT_MAX_REJECTIONS, check_weights
+from tether.decode.processor import DEFAULT_BUDGET_S, DEFAULT_MAX_REJECTIONS
+from tether.samplers.awrs import check_weights
 from tether.decode.results import assemble
 from tether.decode.smc import Group, SMCDriver, SMCSettings, run_sync
 

@@ -167,20 +167,6 @@ class ParticleConfig:
                    population=raw.get("population"), weights=raw.get("weights", "auto"))
 
 
-def check_weights(weights: str, constraints: list[Any]) -> None:
-    """``ValueError`` for an unknown ``weights`` setting, or "exact" with a constraint whose
-    full mask is not cheap (one check per vocabulary entry: partial matching, predicates)."""
-    if weights not in awrs.WEIGHTS:
-        raise ValueError(f"unknown weights {weights!r}; use one of {', '.join(awrs.WEIGHTS)}")
-    if weights == "exact":
-        for c in constraints:
-            if c is not None and not c.cheap_mask:
-                raise ValueError(f"weights='exact' needs a constraint whose full mask is cheap "
-                                 f"(llguidance: JSON schemas, regular expressions, grammars, "
-                                 f"choices); {c.spec.describe()} is checked by {c.engine}: use "
-                                 f"weights='auto' or 'estimate'")
-
-
 class _Row:
     """One constrained request in the persistent batch.
 

@@ -43,7 +43,7 @@ from typing import Any, AsyncGenerator
 
 from tether.decode import policy
 from tether.decode.policy import Limits, Options, RequestScope
-from tether.decode.processor import check_weights
+from tether.samplers.awrs import check_weights
 from tether.decode.records import count_async, prepare_async
 from tether.decode.results import Population, assemble
 from tether.decode.smc import SMCDriver, SMCSettings, run_async

@@ -82,7 +82,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -234,3 +234,17 @@ def lcd(cands: Candidates, accept: Callable[[int], bool], *, max_rejections: int
         if accept(cand[0]):
             return StepResult(cand[0], 0.0, checks, rejections)
         rejections += 1
+
+
+def check_weights(weights: str, constraints: list[Any]) -> None:
+    """``ValueError`` for an unknown ``weights`` setting, or "exact" with a constraint whose
+    full mask is not cheap (one check per vocabulary entry: partial matching, predicates)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; use one of {', '.join(WEIGHTS)}")
+    if weights == "exact":
+        for c in constraints:
+            if c is not None and not c.cheap_mask:
+                raise ValueError(f"weights='exact' needs a constraint whose full mask is cheap "
+                                 f"(llguidance: JSON schemas, regular expressions, grammars, "
+                                 f"choices); {c.spec.describe()} is checked by {c.engine}: use "
+                                 f"weights='auto' or 'estimate'")
