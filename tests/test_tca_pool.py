@@ -9,10 +9,7 @@ freed blocks admit the next: at least four run at once. Each engine runs in a ch
 of its own (vLLM keeps its KV connector and distributed state per process), with the same
 settings and pool for all.
 
-Until the planner and compactor land (``tca.PLANNER``, ``tca.COMPACTOR``), ``kv_budget`` 0.4
-is refused at start-up (``TCAUnsupported``): the 40% test then reports xfail (on that
-refusal only: any other failure fails it), and it runs in full once compaction exists. At
-``kv_budget`` 1.0, TCA runs in the same pool and prunes nothing: as many at once as full
+At ``kv_budget`` 1.0, TCA runs in the same pool and prunes nothing: as many at once as full
 attention, and KV usage never falls between finishes.
 """
 
@@ -135,13 +132,6 @@ def test_budget_1_prunes_nothing_in_the_same_pool(budgets, prompts, full_run):
 
 
 def test_tca_runs_twice_as_many_requests_in_the_same_pool(budgets, prompts, request):
-    from tether.decode.engine import engine_args
-    from tether.decode.tca import TCAUnsupported
-
-    try:
-        engine_args("smollm2", tca=budgets, kv_budget=0.4)
-    except TCAUnsupported as exc:  # only this refusal; anything else fails the test
-        pytest.xfail(f"kv_budget < 1 needs the compaction glue, not landed yet: {exc}")
     full_steps, full_answers = request.getfixturevalue("full_run")
     tca_steps, tca_answers = run(prompts, tca=budgets.to_dict(), kv_budget=0.4)
     full_peak = max(s[0] for s in full_steps)
