@@ -236,6 +236,11 @@ def run(args) -> dict:
     configs = [None] + [float(f) for f in args.kv_budgets.split(",")]
     plan = [(int(length), int(n)) for length, n in
             (item.split(":") for item in args.lengths.split(","))]
+    too_long = [length for length, _ in plan
+                if length + args.max_tokens > cfg.max_position_embeddings]
+    if too_long:  # refuse before any engine starts, not after an hour of shorter rows
+        raise SystemExit(f"--lengths {too_long} plus --max-tokens {args.max_tokens} exceed the "
+                         f"model's {cfg.max_position_embeddings} positions")
     result = {"settings": {"model": args.model, "budgets": str(budgets.relative_to(ROOT))
                            if budgets.is_relative_to(ROOT) else budgets.name,
                            "kv_budgets": configs[1:], "lengths": plan,
