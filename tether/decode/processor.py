@@ -356,6 +356,10 @@ class AWRSLogitsProcessor(LogitsProcessor):
         from tether.constraints import vocab_for
 
         self.device = device
+        if device.type == "cpu":  # built in every tether engine's worker, before any sampling
+            from tether.decode import cpu_seeds
+
+            cpu_seeds.install()
         # Built here, at engine start, so that the first constrained request does not stall
         # an engine step for the tokenizer's byte tables (about 1 s; 11 s for Gemma 3).
         self.vocab = vocab_for(vllm_config.model_config.tokenizer)

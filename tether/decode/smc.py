@@ -81,7 +81,6 @@ from typing import Any
 
 import numpy as np
 
-from tether.decode.engine import on_gpu
 from tether.decode.processor import DEFAULT_BUDGET_S, ParticleConfig
 from tether.decode.records import StepRecord, exchange, exchange_async
 from tether.samplers import resampling
@@ -224,11 +223,10 @@ class SMCDriver:
                                  weights=self.weights)
             extra = dict(extra or {}, **cfg.to_extra_args())
             self.constrained.add(request_id)
-        # Constrained rows are forced, so vLLM's own generator does not matter for them; for
-        # the others a per-request seed is used on GPUs only: on the CPU, vLLM 0.32 crashes
-        # when a seeded request's sample is discarded ("CPU Generator does not use offset").
+        # Constrained rows are forced, so vLLM's own generator does not matter for them; the
+        # others get a per-request seed (on the CPU, safe with ``cpu_seeds``).
         sampling = dict(self.sampling)
-        if group.constraint is not None or not on_gpu():
+        if group.constraint is not None:
             sampling.pop("seed", None)
         elif "seed" not in sampling:
             sampling["seed"] = mix_seed(group.seed, particle.uid) % (2 ** 31)
