@@ -26,6 +26,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -162,7 +163,7 @@ def main() -> None:
     table = {}
     for kind in ("tether", "vllm-xgrammar"):
         port = free_port()
-        proc = start(kind, port, RESULTS / f"serve_load_{kind}.log.tmp", args.tether_args.split())
+        proc = start(kind, port, RESULTS / f"serve_load_{kind}.log.tmp", shlex.split(args.tether_args))
         try:
             table[kind] = load(port, schemas, args.requests, args.concurrency, args.max_tokens)
         finally:

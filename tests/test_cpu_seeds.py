@@ -1,4 +1,5 @@
-"""A seeded request whose prompt is prefilled in chunks, on vLLM's CPU engine (tether.decode.cpu_seeds).
+"""A seeded request whose prompt is prefilled in chunks, on vLLM's CPU engine
+(``tether.decode.cpu_seeds``).
 
 vLLM discards the samples drawn for a prompt still being prefilled and rewinds the request's
 seeded generator by an offset, which a CPU generator does not have: unpatched, the engine core

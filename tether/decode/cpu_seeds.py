@@ -15,14 +15,12 @@ batch's table, so vLLM's loop skips them, and afterwards each gets its saved sta
 seeded output is then the same however its prompt was chunked, as vLLM intends on GPUs.
 
 Written for vLLM 0.32 (``CPUModelRunner`` inherits ``sample_tokens`` and ``_bookkeeping_sync``
-from ``GPUModelRunner``); ``install`` refuses other versions.
+from ``GPUModelRunner``); ``install`` refuses versions outside ``engine.SUPPORTED_VLLM``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-WRITTEN_FOR = "0.32."
 
 
 def _discarded_cpu_generators(runner) -> dict:
@@ -39,17 +37,17 @@ def _discarded_cpu_generators(runner) -> dict:
 
 def install() -> None:
     """Patch vLLM's ``CPUModelRunner`` (once per process)."""
-    import vllm
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-    if not vllm.__version__.startswith(WRITTEN_FOR):
-        raise RuntimeError(f"tether.decode.cpu_seeds was written for vLLM {WRITTEN_FOR}x, "
-                           f"not {vllm.__version__}")
+    from tether.decode.engine import check_vllm_version
+
+    check_vllm_version()
     if getattr(CPUModelRunner, "_tether_cpu_seeds", False):
         return
     sample_tokens, bookkeeping = CPUModelRunner.sample_tokens, CPUModelRunner._bookkeeping_sync
 
     def sample_tokens_saving_states(self, *args, **kwargs):
+        # _bookkeeping_sync runs inside sample_tokens, after the sampler has drawn
         self._tether_saved_states = {i: gen.get_state()
                                      for i, gen in _discarded_cpu_generators(self).items()}
         try:
@@ -58,17 +56,13 @@ def install() -> None:
             self._tether_saved_states = {}
 
     def bookkeeping_restoring_states(self, *args, **kwargs):
-        held = _discarded_cpu_generators(self)
         generators = self.input_batch.generators
-        for i in held:
-            del generators[i]
+        held = {i: generators.pop(i) for i in self._tether_saved_states}
         try:
             return bookkeeping(self, *args, **kwargs)
         finally:
-            saved = getattr(self, "_tether_saved_states", {})
             for i, gen in held.items():
-                if i in saved:
-                    gen.set_state(saved[i])
+                gen.set_state(self._tether_saved_states[i])
                 generators[i] = gen
 
     CPUModelRunner.sample_tokens = sample_tokens_saving_states
