@@ -188,9 +188,38 @@ def test_exact_weight_refuses_a_mask_its_checks_contradict():
     assert res.dead and res.log_weight == -math.inf
     # rows without a mask in the same batch keep their plain candidates
     mixed = rank_batch(logprobs[None, :].expand(2, 50), [1, 1], [0, 0], 8, masks=[None, allowed])
-    assert np.array_equal(mixed.tokens[0], ranked.tokens[0])
+    alone = rank_batch(logprobs[None, :], [1], [0], 8)
+    assert np.array_equal(mixed.tokens[0], alone.tokens[0])
+    assert mixed.masked[1] == ranked.masked[0]
     with pytest.raises(ValueError):
         mixed.stream(0).masked()
+
+
+def test_exact_draw_where_the_allowed_mass_underflows_float32():
+    """Allowed tokens of probability about e^-100 (below float32's smallest normal number):
+    p = exp(log p) would round them to 0 and call the particle dead; the draw is redone in
+    log space and still returns log Z_A and a draw from p restricted to A."""
+    vocab = 1000
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(vocab, generator=g, dtype=torch.float64) * 2.0
+    allowed = np.zeros(vocab, dtype=bool)
+    allowed[[3, 500, 999]] = True
+    logits[[3, 500, 999]] = torch.tensor([-90.0, -91.0, -92.5], dtype=torch.float64)
+    logprobs = logits.log_softmax(-1)
+    assert bool((logprobs[allowed] < -90).all())
+    exact_log_z = float(logprobs[allowed].logsumexp(-1))
+    n = 4000
+    ranked = rank_batch(logprobs.float()[None, :].expand(n, vocab), list(range(n)), [0] * n, 8,
+                        masks=[allowed] * n)
+    tokens = []
+    for row in range(n):
+        res = awrs.exact_weight(ranked.stream(row).masked(), allowed.__getitem__)
+        assert abs(res.log_weight - exact_log_z) < 1e-4
+        tokens.append(res.token)
+    p = logprobs.exp().numpy() / math.exp(exact_log_z)  # p restricted to A, renormalized
+    assert chi_square_pvalue(np.array(tokens), np.where(allowed, p, 0.0), allowed) > 1e-3
+    with pytest.raises(ValueError):
+        ranked.stream(0).next()  # a row with a mask has no candidates to read
 
 
 def test_lcd_samples_the_masked_distribution():

@@ -9,9 +9,12 @@ Z = sum of p(y) over the language.
 For each weight setting (exact allowed masses: what "auto" runs on a JSON Schema; AWRS's
 estimates):
 
-* AWRS-SMC (N = 32, 8 runs with their own seeds, weighted) must be closer to pi in total
+* AWRS-SMC (N = 32, 24 runs with their own seeds, weighted) must be closer to pi in total
   variation than LCD (token masking: 256 unweighted samples) by at least 0.05, and close
-  itself (TV < 0.08). Measured: TV 0.02 vs 0.21.
+  itself (TV < 0.08). Measured, seeds 0-3: TV 0.014-0.045 (exact weights), 0.009-0.031
+  (estimated) vs about 0.2. With 8 runs the pooled TV spread to 0.096 on one seed in four,
+  for either weighting: resampling makes a run's particles share their word, so a run is
+  worth few independent draws.
 * The mean of exp(log Z) over the runs must be within 4 standard errors of the exact Z.
 """
 
@@ -32,7 +35,7 @@ ANIMALS = ["cat", "cattle", "caterpillar", "dog", "dolphin", "donkey", "horse", 
 SCHEMA = {"type": "object", "properties": {"animal": {"enum": ANIMALS}},
           "required": ["animal"], "additionalProperties": False}
 PROMPT = "Name an animal, as JSON."
-RUNS, PARTICLES = 8, 32
+RUNS, PARTICLES, LCD_SAMPLES = 24, 32, 256
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def test_smc_is_closer_to_the_target_than_masking(llm, exact, weights):
         for p in run.particles:
             if p.finish_reason == "stop":
                 smc[p.value["animal"]] += p.normalized_weight / RUNS
-    lcd_runs = llm.generate([PROMPT] * (RUNS * PARTICLES), SCHEMA, max_tokens=20, seed=1,
+    lcd_runs = llm.generate([PROMPT] * LCD_SAMPLES, SCHEMA, max_tokens=20, seed=1,
                             sampler="lcd")
     counts = collections.Counter(r.value["animal"] for r in lcd_runs if r.valid)
     lcd = {k: v / sum(counts.values()) for k, v in counts.items()}

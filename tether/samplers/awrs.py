@@ -47,9 +47,9 @@ candidate is geometric, "phantom" rejections counted with a host random generato
 candidates (taken in key order) are tested. The first accepted token is the sample.
 
 ``exact_weight`` (Rao-Blackwellised, where the constraint's full mask is cheap). The token is
-the allowed token with the largest Gumbel key: the same token the rejection loop above reaches
-first, so the same exact draw from \pi. Its weight is Z_A itself, computed on the device from the
-mask and the logits (``candidates.rank_batch``): E[W | x] = Z_A holds with no variance at all,
+an exact draw from \pi, p restricted to the mask (``candidates.masked_draws``: the inverse CDF
+at a seeded uniform), the distribution the rejection loop above samples from. Its weight is
+Z_A itself, computed on the device from the mask and the logits in the same pass: E[W | x] = Z_A holds with no variance at all,
 where the recursive estimator's coin flip has Var(W | path) = (1 - R - p(x))^2 t (1 - t) (t the
 coin's chance of acceptance). That noise is what an SMC population pays for in effective
 sample size; this estimator removes it at the cost of one mask per step. One check confirms
@@ -172,7 +172,7 @@ def recursive_awrs(cands: Candidates, accept: Callable[[int], bool], *,
 
 
 def exact_weight(found: tuple[int, float] | None, accept: Callable[[int], bool]) -> StepResult:
-    """The step from the mask: ``found`` is (the allowed token with the largest key, log Z_A),
+    """The step from the mask: ``found`` is (a draw from p restricted to the mask, log Z_A),
     or None when no allowed token has positive probability (the particle is dead)."""
     if found is None:
         return StepResult(None, -math.inf, 0, 0, exact=True)
