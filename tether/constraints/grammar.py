@@ -198,6 +198,13 @@ def schema_validator(schema: Any, where: str = "JSON Schema") -> Any:
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
+def warm_up() -> None:
+    """Import what the first JSON Schema needs: ``jsonschema``'s format checkers build a Lark
+    parser when imported (about 1.4 s here), which would otherwise stall the first request
+    (in an engine, every request of its batch)."""
+    schema_validator({})
+
+
 def checked_formats(schema: Any = None) -> list[str]:
     """The ``format`` values that the end-of-output check enforces for ``schema``'s draft
     (2020-12 when it names none): the checkers of ``jsonschema``'s validator class for that

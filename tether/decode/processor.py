@@ -363,6 +363,9 @@ class AWRSLogitsProcessor(LogitsProcessor):
         # Built here, at engine start, so that the first constrained request does not stall
         # an engine step for the tokenizer's byte tables (about 1 s; 11 s for Gemma 3).
         self.vocab = vocab_for(vllm_config.model_config.tokenizer)
+        from tether.constraints import grammar
+
+        grammar.warm_up()  # the first JSON Schema's imports, here rather than mid-batch
         # vLLM 0.32 resets data_parallel_rank to 0 in the engines of dense models (they run as
         # independent DP=1 engines); data_parallel_index keeps the engine's rank.
         self.engine = vllm_config.parallel_config.data_parallel_index

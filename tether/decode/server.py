@@ -112,11 +112,14 @@ class TetherEngineClient:
         return self.settings.pre_align
 
     async def warm_up(self) -> None:
-        """Build the tokenizer's byte tables before the first request needs them."""
-        from tether.constraints import vocab_for
+        """Build the tokenizer's byte tables and import what the first JSON Schema and the
+        first request's checks need, before the first request waits for them."""
+        from tether.constraints import grammar, vocab_for
+        from tether.decode import tca  # noqa: F401  (validate_params reads its opt-out)
 
-        await asyncio.get_running_loop().run_in_executor(self.pool, vocab_for,
-                                                         self.tokenizer_path)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.pool, vocab_for, self.tokenizer_path)
+        await loop.run_in_executor(self.pool, grammar.warm_up)
 
     async def count_records(self) -> int:
         count = await count_async(self._engine)
