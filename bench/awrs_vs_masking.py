@@ -17,7 +17,7 @@ the constraint per token.
 
 The limit beside every row of tether and of the masking backends: right after a system runs,
 plain vLLM (no constraint, no logits processor; the same model and engine settings as every
-row: block size 32, prefix caching, eager mode) decodes the same prompts, each forced to the
+row: block size 32, prefix caching, eager mode, the engine core in the worker's own process) decodes the same prompts, each forced to the
 token count that system produced for it (``min_tokens`` = ``max_tokens`` = that count,
 ``ignore_eos``), timed the same way. ``time_over_reference`` is the system's wall time over
 that reference's: 1.0 is decoding the same tokens with no constraint at all.
@@ -79,6 +79,16 @@ def chat_ids(tokenizer, text: str) -> list[int]:
 
 # -- workers (each runs in its own process) ----------------------------------------------------
 
+def same_process_layout() -> None:
+    """Plain vLLM engines here run the way ``tether.LLM`` runs its own: the engine core in
+    this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), the same KV space. With vLLM's
+    default, a separate engine-core process polls the worker without sleeping and takes one
+    of two cores from the model: the reference then ran 1.5x slower than tether decoding the
+    same tokens under a constraint."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
 def run_tether(job: dict, sampler: str, particles: int = 1, weights: str = "auto") -> dict:
     from tether import ConstraintError
     from tether.decode.llm import LLM
@@ -115,7 +125,7 @@ def run_tether(job: dict, sampler: str, particles: int = 1, weights: str = "auto
 
 
 def run_vllm(job: dict, backend: str) -> dict:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    same_process_layout()
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -149,7 +159,7 @@ def run_vllm(job: dict, backend: str) -> dict:
 
 def run_reference(job: dict) -> dict:
     """Plain vLLM, no constraint: each schema's prompt decoded to ``job["forced"][name]`` tokens."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    same_process_layout()
     from vllm import LLM, SamplingParams
 
     from tether.models import resolve
