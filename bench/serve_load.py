@@ -4,7 +4,9 @@ xgrammar structured outputs: same model, same machine, one after the other, in o
 Each server is started on a loopback port, warmed up, then sent REQUESTS chat requests with a
 ``json_schema`` response format (Github_easy schemas, cycling) at a fixed concurrency through
 the ``openai`` client. Reported per server: completed requests per second, output tokens per
-second, p50 and p99 latency, valid share (finished outputs that validate with jsonschema),
+second, mean output tokens per request, p50 and p99 latency, p50 latency per output token
+(outputs of different systems differ in length: tether samples the model's own conditional,
+masking samplers a distorted one, and refused requests leave a system's mix), valid share (finished outputs that validate with jsonschema),
 invalid finished outputs, 4xx (schemas refused) and 5xx/other errors.
 
 The limit beside every row: right after its constrained load, the same server decodes the same
@@ -71,10 +73,14 @@ def summarize(rows: list[dict], wall: float) -> dict:
     """Throughput and latency of one pass (``rows``: one dict per request)."""
     ok = [r for r in rows if r["status"] == 200]
     lat = sorted(r["latency"] for r in ok)
+    # latency per output token: systems whose outputs differ in length compare on it too
+    per_token = [r["latency"] / r["tokens"] for r in ok if r["tokens"]]
     return {"requests": len(rows), "completed": len(ok), "wall_s": wall,
             "req_per_s": len(ok) / wall, "tok_per_s": sum(r["tokens"] for r in ok) / wall,
+            "mean_tokens": sum(r["tokens"] for r in ok) / len(ok) if ok else None,
             "p50_s": statistics.median(lat) if lat else None,
-            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None}
+            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+            "p50_s_per_token": statistics.median(per_token) if per_token else None}
 
 
 def load(port: int, schemas: list[dict], requests: int, concurrency: int, max_tokens: int) -> dict:
@@ -183,13 +189,15 @@ def main() -> None:
                                           "versions": peers, "machine": machine,
                                           "servers": table, "throughput_ratio": ratio,
                                           "tok_per_s_ratio": tok_ratio}, indent=2))
-    print("| server | req/s | tok/s | p50 s | p99 s | time / reference | valid | "
-          "invalid finished | 4xx | 5xx |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| server | req/s | tok/s | tokens/request | p50 s | p99 s | p50 ms/token | "
+          "time / reference | valid | invalid finished | 4xx | 5xx |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind, r in table.items():
-        print(f"| {kind} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {r['p50_s']:.2f} | "
-              f"{r['p99_s']:.2f} | {r['time_over_reference']:.2f} | {r['valid_share']:.0%} | "
-              f"{r['invalid_finished']} | {r['status_4xx']} | {r['status_5xx_or_other']} |")
+        print(f"| {kind} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
+              f"{r['mean_tokens']:.0f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
+              f"{1000 * r['p50_s_per_token']:.1f} | {r['time_over_reference']:.2f} | "
+              f"{r['valid_share']:.0%} | {r['invalid_finished']} | {r['status_4xx']} | "
+              f"{r['status_5xx_or_other']} |")
     if ratio is not None:
         print(f"tether / vLLM+xgrammar: {ratio:.2f}x req/s, {tok_ratio:.2f}x tok/s")
 
