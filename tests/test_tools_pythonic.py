@@ -29,10 +29,16 @@ def test_named_tool_choice(client):
     weights(r)
 
 
+# The model's calls in this format are long (its whole JSON array): measured over seeds 0-5 and
+# both parallel settings, 2 of 12 finish within 80 tokens and 8 of 12 within 160; seed 1 takes
+# 128 tokens either way.
+REQUIRED_MAX_TOKENS = 160
+
+
 @pytest.mark.parametrize("parallel", [True, False])
 def test_required_tool_choice(client, parallel):
     r = client.chat.completions.create(
-        model="smollm2", messages=QUESTION, max_tokens=80, seed=1, tools=tools(),
+        model="smollm2", messages=QUESTION, max_tokens=REQUIRED_MAX_TOKENS, seed=1, tools=tools(),
         tool_choice="required", parallel_tool_calls=parallel)
     calls = valid_calls(r.choices[0].message.tool_calls)
     assert len(calls) >= 1 and (parallel or len(calls) == 1)
@@ -41,8 +47,8 @@ def test_required_tool_choice(client, parallel):
 
 
 def test_streamed_tool_calls_equal_the_whole_call(client):
-    kw = dict(model="smollm2", messages=QUESTION, max_tokens=80, seed=1, tools=tools(),
-              tool_choice="required")
+    kw = dict(model="smollm2", messages=QUESTION, max_tokens=REQUIRED_MAX_TOKENS, seed=1,
+              tools=tools(), tool_choice="required")
     whole = client.chat.completions.create(**kw)
     streamed, _, final = stream_calls(client, kw)
     assert streamed == valid_calls(whole.choices[0].message.tool_calls)
