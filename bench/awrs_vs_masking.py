@@ -17,9 +17,9 @@ the constraint per token.
 
 The limit beside every row of tether and of the masking backends: right after a system runs,
 plain vLLM (no constraint, no logits processor; the same model and engine settings as every
-row: block size 32, prefix caching, eager mode, the engine core in the worker's own process) decodes the same prompts, each forced to the
-token count that system produced for it (``min_tokens`` = ``max_tokens`` = that count,
-``ignore_eos``), timed the same way. ``time_over_reference`` is the system's wall time over
+row: block size 32, prefix caching, eager mode, the engine core in the worker's own process)
+decodes the same prompts, each forced to the token count that system produced for it
+(``min_tokens`` = ``max_tokens`` = that count, ``ignore_eos``), timed the same way. ``time_over_reference`` is the system's wall time over
 that reference's: 1.0 is decoding the same tokens with no constraint at all.
 
 genlm-control runs SMC (``--genlm-particles``) on the first ``--genlm-schemas`` schemas; on the
@@ -83,8 +83,8 @@ def same_process_layout() -> None:
     """Plain vLLM engines here run the way ``tether.LLM`` runs its own: the engine core in
     this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), the same KV space. With vLLM's
     default, a separate engine-core process polls the worker without sleeping and takes one
-    of two cores from the model: the reference then ran 1.5x slower than tether decoding the
-    same tokens under a constraint."""
+    of two cores from the model: the reference of 50 schemas x 128 tokens took 16.4-16.8 s
+    that way and 9.2-10.6 s in-process."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 

@@ -6,8 +6,9 @@ Each server is started on a loopback port, warmed up, then sent REQUESTS chat re
 the ``openai`` client. Reported per server: completed requests per second, output tokens per
 second, mean output tokens per request, p50 and p99 latency, p50 latency per output token
 (outputs of different systems differ in length: tether samples the model's own conditional,
-masking samplers a distorted one, and refused requests leave a system's mix), valid share (finished outputs that validate with jsonschema),
-invalid finished outputs, 4xx (schemas refused) and 5xx/other errors.
+masking samplers a distorted one, and refused requests leave a system's mix), valid share
+(finished outputs that validate with jsonschema), invalid finished outputs, 4xx (schemas
+refused) and 5xx/other errors.
 
 The limit beside every row: right after its constrained load, the same server decodes the same
 prompts with no constraint at the same concurrency, each request forced to the token count the
@@ -47,8 +48,8 @@ def start(kind: str, port: int, log: Path, tether_args: list[str]) -> subprocess
     from tether.models import resolve
 
     # No prefix caching on either server: the reference pass sends the constrained pass's
-    # prompts again, and a cache would spare it their prefill: at 32 requests at once, tether
-    # measured 1.41x its reference with the cache and 1.01x without (xgrammar 1.20x, 1.10x).
+    # prompts again, and a cache would spare it their prefill (at 32 requests at once xgrammar
+    # read 1.20x its reference with the cache, 1.10x without).
     common = ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096",
               "--served-model-name", "smollm2", "--no-enable-prefix-caching"]
     if kind == "tether":

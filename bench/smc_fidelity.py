@@ -293,6 +293,14 @@ def proposal_chi2(exact: dict) -> float:
     return math.fsum(math.exp(2 * (r[1] - log_z) - r[2]) for r in rows) - 1.0
 
 
+def proposal_by_output(exact: dict) -> dict:
+    """q of each output (summed over its tokenizations), beside ``exact["pi"]``."""
+    q = collections.defaultdict(float)
+    for output, _, log_q in exact["by_sequence"]:
+        q[output] += math.exp(log_q)
+    return dict(q)
+
+
 def summarize(measured: dict, ns: list[int], methods: list[str]) -> dict:
     table = {}
     for name in measured["exact"]:
@@ -302,6 +310,7 @@ def summarize(measured: dict, ns: list[int], methods: list[str]) -> dict:
             rows["proposal-floor"] = {n: {"tv": proposal_floor(measured["exact"][name], n)}
                                       for n in ns}
             measured["exact"][name]["proposal_chi2"] = proposal_chi2(measured["exact"][name])
+            measured["exact"][name]["proposal_q"] = proposal_by_output(measured["exact"][name])
         for method in methods:
             per_n = measured[method][name]
             rows[method] = {}
@@ -353,7 +362,8 @@ def markdown(table: dict, throughput: dict, ns: list[int]) -> str:
             if method == "iid-floor":
                 cells = [f"{per_n[n]['tv']:.3f}" for n in ns]
             elif method == "proposal-floor":
-                cells = [f"{per_n[n]['tv']:.3f} ({per_n[n]['tv'] / rows['iid-floor'][n]['tv']:.2f}x)"
+                floor = rows["iid-floor"]
+                cells = [f"{per_n[n]['tv']:.3f} ({per_n[n]['tv'] / floor[n]['tv']:.2f}x)"
                          for n in ns]
             else:
                 cells = [f"{per_n[n]['tv']:.3f} ± {per_n[n]['tv_se']:.3f} "

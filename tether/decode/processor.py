@@ -20,9 +20,9 @@ they already are (the GPU in production) and, for the constrained rows only:
 Weights (``ParticleConfig.weights``). "exact": the step weight is the allowed mass Z_A itself,
 computed on the device from the constraint's mask and the logits already there
 (``awrs.exact_weight``; the token is drawn from the same distribution AWRS samples, p
-restricted to the mask, in the same pass: ``candidates.masked_draws``); it needs a constraint whose full mask is cheap (``Constraint.cheap_mask``: llguidance's
-schemas, regexes, grammars, choices), and a row whose constraint has none fails with
-``error``. "estimate": AWRS's unbiased estimator (``estimator``). "auto" (the default): exact
+restricted to the mask, in the same pass: ``candidates.masked_draws``); it needs a
+constraint whose full mask is cheap (``Constraint.cheap_mask``: llguidance's schemas,
+regexes, grammars, choices), and a row whose constraint has none fails with ``error``. "estimate": AWRS's unbiased estimator (``estimator``). "auto" (the default): exact
 where the mask is cheap, the estimator elsewhere (partial-matching regexes, predicates). The
 mode that ran is recorded (``ParticleRecord.weights``); greedy rows and the lcd sampler carry
 no weight.

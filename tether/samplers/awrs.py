@@ -49,8 +49,8 @@ candidates (taken in key order) are tested. The first accepted token is the samp
 ``exact_weight`` (Rao-Blackwellised, where the constraint's full mask is cheap). The token is
 an exact draw from \pi, p restricted to the mask (``candidates.masked_draws``: the inverse CDF
 at a seeded uniform), the distribution the rejection loop above samples from. Its weight is
-Z_A itself, computed on the device from the mask and the logits in the same pass: E[W | x] = Z_A holds with no variance at all,
-where the recursive estimator's coin flip has Var(W | path) = (1 - R - p(x))^2 t (1 - t) (t the
+Z_A itself, computed on the device from the mask and the logits in the same pass:
+E[W | x] = Z_A holds with no variance at all, where the recursive estimator's coin flip has Var(W | path) = (1 - R - p(x))^2 t (1 - t) (t the
 coin's chance of acceptance). That noise is what an SMC population pays for in effective
 sample size; this estimator removes it at the cost of one mask per step. One check confirms
 the token (a mask that disagrees with the checks raises ``InconsistentMask``).

@@ -3,8 +3,8 @@
 For a batch of rows, ``rank_batch`` takes each row's distribution p (log-probabilities, shaped
 by the request's sampling parameters beforehand: ``tether.decode.shaping`` does it with vLLM's
 operations), perturbs it with counter-based Gumbel noise (``gumbel.gumbel_keys``), and takes
-the ``k`` best keys of every row in one batched ``topk``. One copy brings those candidates to the host. Each row then reads its candidates in key order
-through a ``CandidateStream``; only a row whose ``k`` candidates were all rejected goes back to
+the ``k`` best keys of every row in one batched ``topk``. One copy brings those candidates to
+the host. Each row then reads its candidates in key order through a ``CandidateStream``; only a row whose ``k`` candidates were all rejected goes back to
 the device for more (``topk`` again, twice as deep), and only the bounded-cost fallback asks the
 device for the exact allowed mass (``exact``).
 
@@ -18,7 +18,6 @@ with Gumbel keys and a masked logsumexp took 33-47 ms, the masked draw 5-8 ms.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
