@@ -173,7 +173,7 @@ def test_min_p_matches_vllm():
     from vllm.v1.sample.logits_processor import BatchUpdate
     from vllm.v1.sample.logits_processor.builtin import MinPLogitsProcessor
 
-    from tether.decode.shaping import shape_logprobs
+    from tether.decode.shaping import shape_logits
 
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 500, generator=gen) * 2
@@ -184,11 +184,13 @@ def test_min_p_matches_vllm():
         (i, SamplingParams(min_p=p), None, []) for i, p in enumerate(min_p)]))
     temperature = torch.tensor([0.7, 0.7, 0.7])
     theirs = proc.apply(logits / temperature[:, None])
-    ours = shape_logprobs(logits, temperature, torch.zeros(3, dtype=torch.long),
-                          torch.ones(3), torch.tensor(min_p))
+    before = logits.clone()
+    ours = shape_logits(logits, temperature, torch.zeros(3, dtype=torch.long),
+                        torch.ones(3), torch.tensor(min_p))
+    assert torch.equal(logits, before)  # the caller's logits are never modified
     assert torch.equal(torch.isinf(theirs), torch.isinf(ours))
     assert torch.isinf(ours[2]).sum() > torch.isinf(ours[1]).sum() > 0 == torch.isinf(ours[0]).sum()
-    assert torch.allclose(ours.exp().sum(-1), torch.ones(3), atol=1e-5)  # renormalized
+    assert torch.allclose(ours[torch.isfinite(ours)], theirs[torch.isfinite(theirs)])
 
 
 def test_serve_takes_the_model_it_is_given():

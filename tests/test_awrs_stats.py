@@ -264,13 +264,26 @@ def test_keys_are_a_pure_function_of_seed_and_step():
 
 
 def test_shaping_follows_vllm_order():
-    from tether.decode.shaping import shape_logprobs
+    from tether.decode.shaping import shape_logits
 
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
-    out = shape_logprobs(logits, torch.tensor([2.0]), torch.tensor([3]), torch.tensor([0.6]))
-    probs = out.exp()[0]
+    out = shape_logits(logits, torch.tensor([2.0]), torch.tensor([3]), torch.tensor([0.6]))
+    probs = out.softmax(-1)[0]
     scaled = torch.tensor([2.0, 1.5, 1.0])  # temperature 2, then top-k 3
     soft = scaled.softmax(-1)  # [0.506, 0.307, 0.186]: top-p 0.6 keeps the first two
     expected = torch.zeros(5)
     expected[:2] = soft[:2] / soft[:2].sum()
     assert torch.allclose(probs, expected, atol=1e-6)
+
+
+def test_shaping_never_writes_into_the_logits():
+    """Without a temperature, the logits themselves would reach vLLM's in-place top-k/top-p;
+    the processor passes a view of vLLM's logits, and a step redone without truncation reads
+    them again."""
+    from tether.decode.shaping import shape_logits
+
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    out = shape_logits(logits, None, torch.tensor([2]), torch.tensor([1.0]))
+    assert torch.equal(logits, torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]))
+    assert torch.isinf(out).sum() == 3
+    assert shape_logits(logits, None, torch.tensor([0]), torch.tensor([1.0])) is logits

@@ -77,7 +77,7 @@ import torch
 
 from tether.constraints import budget
 from tether.samplers import awrs
-from tether.decode.shaping import penalize, shape_logprobs
+from tether.decode.shaping import penalize, shape_logits
 from tether.samplers.candidates import CandidateStream, rank_batch
 from tether.samplers.gumbel import mix_seed
 
@@ -431,18 +431,25 @@ class AWRSLogitsProcessor(LogitsProcessor):
     def _rank(self, logits: torch.Tensor, rows: list[tuple[int, _Row]], truncate: bool,
               masks: dict[int, np.ndarray]):
         dev = logits.device
-        shaped = logits[torch.tensor([i for i, _ in rows], device=dev)]
+        indices = [i for i, _ in rows]
+        if indices == list(range(indices[0], indices[0] + len(indices))):
+            shaped = logits[indices[0]:indices[0] + len(indices)]  # a view: no copy
+        else:
+            shaped = logits[torch.tensor(indices, device=dev)]
         penalized = [j for j, (_, r) in enumerate(rows) if r.penalized]
         if penalized:
             sub = [rows[j][1] for j in penalized]
+            shaped = shaped.clone()  # never vLLM's logits: a redo without truncation reads them
             shaped[penalized] = penalize(shaped[penalized], [r.prompt for r in sub],
                                          [r.seen() for r in sub], [r.penalties for r in sub])
-        logprobs = shape_logprobs(
-            shaped, torch.tensor([r.temperature for _, r in rows], device=dev),
+        temperatures = [r.temperature for _, r in rows]
+        scores = shape_logits(
+            shaped, None if all(t == 1.0 for t in temperatures) else
+            torch.tensor(temperatures, device=dev),
             torch.tensor([r.top_k if truncate else 0 for _, r in rows], device=dev),
             torch.tensor([r.top_p if truncate else 1.0 for _, r in rows], device=dev),
             torch.tensor([r.min_p if truncate else 0.0 for _, r in rows], device=dev))
-        return rank_batch(logprobs, [r.seed for _, r in rows], [r.step for _, r in rows],
+        return rank_batch(scores, [r.seed for _, r in rows], [r.step for _, r in rows],
                           CANDIDATES, noise=[not r.greedy for _, r in rows],
                           masks=[masks.get(i) for i, _ in rows])
 

@@ -13,10 +13,12 @@ tokens. So the shaping is vLLM's, in vLLM's order (``vllm.v1.sample.sampler.Samp
    here directly and ``tests/test_api.py`` checks it against the processor);
 4. top-k and top-p (vLLM's ``apply_top_k_top_p``): top-k keeps the tokens whose logit is at
    least the k-th largest; top-p keeps the smallest set of largest-probability tokens whose
-   mass reaches p;
-5. log-softmax: the renormalized log-probabilities AWRS draws from.
+   mass reaches p.
 
-Dropped tokens get -inf. The shapes are ``[B, V]`` with per-row parameters ``[B]``.
+Dropped tokens get -inf. The result is the log-probabilities AWRS draws from up to a constant
+per row (``shape_logits`` does not normalize: ``samplers.candidates`` normalizes only where a
+row needs it, since a full-vocabulary pass is the largest device cost of a step on a CPU).
+The shapes are ``[B, V]`` with per-row parameters ``[B]``.
 """
 
 from __future__ import annotations
@@ -41,14 +43,17 @@ def penalize(logits: torch.Tensor, prompts: list[list[int]], outputs: list[list[
                                [list(o) for o in outputs])
 
 
-def shape_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                   top_p: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
-    """Log-probabilities (``[B, V]``) after temperature, min-p, top-k and top-p.
+def shape_logits(logits: torch.Tensor, temperature: torch.Tensor | None, top_k: torch.Tensor,
+                 top_p: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (``[B, V]``) after temperature, min-p, top-k and top-p, unnormalized.
 
-    ``temperature``: ``[B]`` (> 0); ``top_k``: ``[B]`` int (0 or >= V means off); ``top_p``:
-    ``[B]`` in (0, 1] (1 means off); ``min_p``: ``[B]`` in [0, 1] (0 means off).
+    ``temperature``: ``[B]`` (> 0), or None where every row's is 1; ``top_k``: ``[B]`` int (0 or
+    >= V means off); ``top_p``: ``[B]`` in (0, 1] (1 means off); ``min_p``: ``[B]`` in [0, 1]
+    (0 means off). ``logits`` is never modified; the result may be ``logits`` itself when no
+    parameter changes it.
     """
-    scaled = logits / temperature[:, None].to(logits.dtype)
+    scaled = logits if temperature is None else \
+        logits / temperature[:, None].to(logits.dtype)
     if min_p is not None and bool((min_p > 0).any()):
         probs = scaled.softmax(dim=-1)
         floor = probs.amax(dim=-1, keepdim=True) * min_p[:, None].to(probs.dtype)
@@ -60,5 +65,7 @@ def shape_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     k = k if bool((k < vocab).any()) else None
     p = top_p.to(scaled.dtype) if bool((top_p < 1.0).any()) else None
     if k is not None or p is not None:
-        scaled = apply_top_k_top_p(scaled.contiguous(), k, p)
-    return scaled.log_softmax(dim=-1)
+        # vLLM's operation works in place: on a copy, never on the caller's logits
+        scaled = apply_top_k_top_p(scaled.clone() if scaled is logits else scaled.contiguous(),
+                                   k, p)
+    return scaled

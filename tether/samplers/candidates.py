@@ -32,7 +32,7 @@ class RankedBatch:
     """Device tensors of one step plus the host copy of each row's top candidates."""
 
     keys: torch.Tensor | None  # [P, V] Gumbel keys of the P rows without a mask (device)
-    logprobs: torch.Tensor  # [B, V] (device)
+    logprobs: torch.Tensor | None  # [P, V] their log-probabilities (device)
     tokens: np.ndarray  # [B, k] int64, best keys first (rows with a mask: -1)
     token_logprobs: np.ndarray  # [B, k] float64
     finite: np.ndarray  # [B, k] bool: key > -inf (the token has positive probability)
@@ -46,20 +46,22 @@ class RankedBatch:
             return CandidateStream(None, None, self.tokens[row, :0], self.token_logprobs[row, :0],
                                    self.finite[row, :0], found)
         key_row = row if self.key_rows is None else self.key_rows[row]
-        return CandidateStream(self.keys[key_row], self.logprobs[row], self.tokens[row],
+        return CandidateStream(self.keys[key_row], self.logprobs[key_row], self.tokens[row],
                                self.token_logprobs[row], self.finite[row])
 
 
 def _device_masks(masks: list[np.ndarray], vocab: int, device: torch.device,
                   dtype: torch.dtype = torch.bool) -> torch.Tensor:
     """Constraint masks (over the tokenizer's ids) as one [len(masks), vocab] tensor on
-    ``device`` (bool, or 0/1 of ``dtype``), in one copy; ids past the tokenizer's size (padding
-    in the logits) are not allowed."""
-    full = np.zeros((len(masks), vocab), dtype=bool if dtype == torch.bool else np.float32)
+    ``device`` (bool, or 0/1 of ``dtype``), in one copy of one byte per token; ids past the
+    tokenizer's size (padding in the logits) are not allowed. The conversion to ``dtype`` runs
+    on the device, from bytes (on a CPU, bool to float32 takes three times as long)."""
+    full = np.zeros((len(masks), vocab), dtype=bool)
     for row, mask in zip(full, masks):
         n = min(vocab, len(mask))
         row[:n] = mask[:n]
-    return torch.from_numpy(full).to(device=device, dtype=dtype)
+    on_device = torch.from_numpy(full).to(device=device)
+    return on_device if dtype == torch.bool else on_device.view(torch.uint8).to(dtype)
 
 
 BLOCK = 256  # tokens per block of the two-level inverse CDF (``masked_draws``)
@@ -71,84 +73,104 @@ def draw_uniform(seed: int, step: int) -> float:
     return (mix_seed(seed, step, 0x5EED) >> 10) * 2.0 ** -53
 
 
-def masked_draws(logprobs: torch.Tensor, masks: list[np.ndarray],
-                 uniforms: list[float]) -> torch.Tensor:
-    """For each row: a draw from p restricted to its mask A, and log Z_A, on the device.
+def _inverse_cdf(mass: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``mass`` (``[M, V]``, >= 0, unnormalized): the token x with
+    CDF(x-) <= u Z < CDF(x), Z = the row's sum, u its uniform; so x has probability
+    mass(x) / Z exactly. Returns (x, Z) in float64.
 
-    ``[3, M]`` float64: the token, log Z_A (Z_A = sum of p over A), and Z_A itself. The draw
-    is the inverse CDF of p * 1_A at u * Z_A (u the row's uniform): the token x with
-    CDF(x-) <= u Z_A < CDF(x), which is x with probability p(x) / Z_A exactly. Two levels keep
-    it to one pass over the vocabulary: block sums of p * 1_A (``BLOCK`` tokens), their
-    cumulative sum picks the block, then the cumulative sum inside that one block picks the
-    token; sums are taken in float64. p = exp(log p) underflows to 0 below about 1e-38 in
-    float32; ``rank_batch`` redoes a row whose Z_A is that small in log space.
-    """
-    rows, vocab = logprobs.shape
-    dev = logprobs.device
-    allowed = _device_masks(masks, vocab, dev, logprobs.dtype)
-    mass = logprobs.exp().mul_(allowed)
+    Two levels keep it to one pass over the vocabulary: block sums (``BLOCK`` tokens, in the
+    mass's own dtype: float32 sums of 256 terms err by about 1e-7 relative, the precision of
+    the float32 logits themselves), their float64 cumulative sum picks the block, then the
+    cumulative sum inside that one block picks the token. A block is picked only if its sum
+    is positive, and inside it only a token of positive mass (the target stays strictly below
+    the block's own total, which its float64 cumulative sum may round differently)."""
+    rows, vocab = mass.shape
     pad = (-vocab) % BLOCK
     if pad:
         mass = torch.nn.functional.pad(mass, (0, pad))
     blocks = mass.view(rows, -1, BLOCK)
-    cum = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [M, blocks]
+    cum = blocks.sum(-1).to(torch.float64).cumsum(-1)  # [M, blocks]
     z = cum[:, -1:]
-    target = torch.tensor(uniforms, dtype=torch.float64, device=dev)[:, None] * z
+    target = uniforms[:, None] * z
     block = torch.searchsorted(cum, target, right=True).clamp_(max=cum.shape[1] - 1)
     before = torch.where(block > 0, cum.gather(-1, (block - 1).clamp(min=0)), 0.0)
     inner = blocks.gather(1, block[:, :, None].expand(rows, 1, BLOCK))[:, 0]
     inner = inner.to(torch.float64).cumsum(-1)  # [M, BLOCK]
-    # stay strictly inside the block's own mass (its sums in two orders may differ by rounding)
     rest = torch.minimum((target - before).clamp(min=0.0), inner[:, -1:] * (1.0 - 2.0 ** -40))
     offset = torch.searchsorted(inner, rest, right=True).clamp_(max=BLOCK - 1)
-    token = (block * BLOCK + offset)[:, 0].to(torch.float64)
-    return torch.stack([token, z[:, 0].log(), z[:, 0]])
+    return (block * BLOCK + offset)[:, 0].to(torch.float64), z[:, 0]
 
 
-def _masked_draws_in_log_space(logprobs: torch.Tensor, masks: list[np.ndarray],
+def masked_draws(scores: torch.Tensor, masks: list[np.ndarray],
+                 uniforms: list[float]) -> torch.Tensor:
+    """For each row: a draw from p restricted to its mask A, and log Z_A, on the device.
+
+    ``scores``: ``[M, V]``, each row's log-probabilities up to a constant (shaped logits:
+    p = softmax(scores)). Returns ``[3, M]`` float64: the token, log Z_A (Z_A = sum of p over
+    A), and Z_A relative to the row's most probable token. One exp pass: e = exp(s - max s)
+    (<= 1), then log Z_A = log sum_A e - log sum_V e and the draw is the inverse CDF of e * 1_A
+    (``_inverse_cdf``). e underflows to 0 below about 1e-38 in float32, so a row whose allowed
+    mass is that small relative to its top token loses it; ``rank_batch`` redoes such rows in
+    log space (``_masked_draws_in_log_space``).
+    """
+    dev = scores.device
+    allowed = _device_masks(masks, scores.shape[-1], dev, scores.dtype)
+    top = scores.amax(-1, keepdim=True)
+    e = (scores - top.clamp(min=torch.finfo(scores.dtype).min)).exp_()
+    log_total = e.sum(-1).to(torch.float64).log()
+    token, z = _inverse_cdf(e.mul_(allowed), torch.tensor(uniforms, dtype=torch.float64,
+                                                          device=dev))
+    return torch.stack([token, z.log() - log_total, z])
+
+
+def _masked_draws_in_log_space(scores: torch.Tensor, masks: list[np.ndarray],
                                uniforms: list[float]) -> torch.Tensor:
-    """``masked_draws`` for rows whose Z_A underflows: p is scaled by the largest allowed
-    probability first (exp(log p - max_A log p)), then the same draw; log Z_A adds it back."""
-    allowed = _device_masks(masks, logprobs.shape[-1], logprobs.device)
-    top = logprobs.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)
-    shifted = (logprobs - top.clamp(min=torch.finfo(logprobs.dtype).min)).masked_fill(
-        ~allowed, float("-inf"))
-    out = masked_draws(shifted, masks, uniforms)
-    out[1] += top[:, 0].to(torch.float64)
-    return out
+    """``masked_draws`` for rows whose allowed mass underflows: e = exp(s - max_A s) on A only
+    (so the largest allowed token has e = 1), and log Z_A = log sum_A e + max_A s - logsumexp s."""
+    dev = scores.device
+    allowed = _device_masks(masks, scores.shape[-1], dev)
+    top = scores.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)
+    e = (scores - top.clamp(min=torch.finfo(scores.dtype).min)).masked_fill_(
+        ~allowed, float("-inf")).exp_()
+    token, z = _inverse_cdf(e, torch.tensor(uniforms, dtype=torch.float64, device=dev))
+    log_z = z.log() + top[:, 0].to(torch.float64) - scores.logsumexp(-1).to(torch.float64)
+    return torch.stack([token, log_z, z])
 
 
-def rank_batch(logprobs: torch.Tensor, seeds: list[int], steps: list[int], k: int,
+def rank_batch(scores: torch.Tensor, seeds: list[int], steps: list[int], k: int,
                noise: list[bool] | None = None,
                masks: list[np.ndarray | None] | None = None) -> RankedBatch:
     """Gumbel-rank every row and bring the top ``k`` candidates to the host in one copy.
 
-    ``seeds``/``steps``: per row; ``noise``: optional per-row flags, False for greedy rows
-    (ranked by probability alone); ``masks``: optional per-row allowed masks (None for a row
-    without one): those rows get their draw from p restricted to the mask and log Z_A instead
-    (``masked_draws``), in the same copy, and no candidates (they need none).
+    ``scores``: ``[B, V]``, each row's log-probabilities up to a constant (rows without a mask
+    are normalized here: their candidates carry log p). ``seeds``/``steps``: per row;
+    ``noise``: optional per-row flags, False for greedy rows (ranked by probability alone);
+    ``masks``: optional per-row allowed masks (None for a row without one): those rows get
+    their draw from p restricted to the mask and log Z_A instead (``masked_draws``), in the
+    same copy, and no candidates (they need none).
     """
-    batch, vocab = logprobs.shape
-    dev = logprobs.device
+    batch, vocab = scores.shape
+    dev = scores.device
     masked_rows = [i for i, m in enumerate(masks or []) if m is not None]
     if any(noise is not None and not noise[i] for i in masked_rows):
         raise ValueError("a row with a mask is sampled: greedy rows bring no mask")
     plain = [i for i in range(batch) if masks is None or masks[i] is None]
     k = min(k, vocab)
     parts = []
-    keys = None
+    keys = logprobs = None
     if plain:
-        sub = logprobs if len(plain) == batch else logprobs[torch.tensor(plain, device=dev)]
-        keys = gumbel_keys(sub, [seeds[i] for i in plain], [steps[i] for i in plain],
+        sub = scores if len(plain) == batch else scores[torch.tensor(plain, device=dev)]
+        logprobs = sub.log_softmax(-1)
+        keys = gumbel_keys(logprobs, [seeds[i] for i in plain], [steps[i] for i in plain],
                            None if noise is None else [noise[i] for i in plain])
         top_keys, top_idx = keys.topk(k, dim=-1)
-        top_lp = sub.gather(-1, top_idx)
+        top_lp = logprobs.gather(-1, top_idx)
         parts.append(torch.stack([top_idx.to(torch.float64), top_lp.to(torch.float64),
                                   top_keys.to(torch.float64)]).flatten())
     uniforms = [draw_uniform(seeds[i], steps[i]) for i in masked_rows]
     if masked_rows:
-        sub = logprobs if len(masked_rows) == batch else \
-            logprobs[torch.tensor(masked_rows, device=dev)]
+        sub = scores if len(masked_rows) == batch else \
+            scores[torch.tensor(masked_rows, device=dev)]
         parts.append(masked_draws(sub, [masks[i] for i in masked_rows], uniforms).flatten())
     packed = torch.cat(parts).cpu().numpy()  # the one copy
     tokens = np.full((batch, k), -1, dtype=np.int64)
@@ -162,13 +184,14 @@ def rank_batch(logprobs: torch.Tensor, seeds: list[int], steps: list[int], k: in
     masked = None
     if masked_rows:
         draws = packed[3 * len(plain) * k:].reshape(3, len(masked_rows))
-        # Z_A near float32's smallest normal may have lost mass to underflow: redo in log space
-        floor = torch.finfo(logprobs.dtype).tiny * vocab * 1e8
+        # an allowed mass near float32's smallest normal, relative to the row's top token,
+        # may have lost terms to underflow: redo those rows in log space
+        floor = torch.finfo(scores.dtype).tiny * vocab * 1e8
         redo = [j for j in range(len(masked_rows)) if draws[2, j] < floor]
         if redo:
             index = torch.tensor([masked_rows[j] for j in redo], device=dev)
             again = _masked_draws_in_log_space(
-                logprobs[index], [masks[masked_rows[j]] for j in redo],
+                scores[index], [masks[masked_rows[j]] for j in redo],
                 [uniforms[j] for j in redo]).cpu().numpy()
             draws[:, redo] = again
         masked = [None] * batch
