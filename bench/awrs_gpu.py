@@ -1,12 +1,15 @@
 """AWRS's device work per decoding step on a GPU, beside the decode step it rides on (torch only).
 
 At every step the AWRS processor does, on the device, for a batch of B rows over a vocabulary
-of V tokens (``tether.samplers.candidates.rank_batch``):
-  1. log-softmax of the row's logits (shaped beforehand by the request's sampling parameters),
-  2. Gumbel keys ``log p + G`` with G drawn from a generator seeded per row with (seed, step)
-     (``tether.samplers.gumbel.gumbel_keys``: one seeding and one ``uniform_`` per row),
-  3. one batched ``topk`` of depth k and a ``gather`` of the candidates' log-probabilities,
-  4. the one host copy per step: ``[3, B, k]`` float64 to the host.
+of V tokens (``tether.samplers.candidates.rank_batch``), one of two things per row:
+  * rows with exact weights (the default on llguidance constraints: JSON schemas, regexes,
+    grammars, choices) bring their constraint's mask: the mask crosses to the device (one byte
+    per token), and one pass draws the token from p restricted to it and computes log Z_A
+    (``masked_draws``): ``masked_step``;
+  * rows without a mask (estimated weights, LCD, greedy): log-softmax, Gumbel keys built from
+    the top down with counter-based noise for the blocks and the k best blocks' tokens
+    (``tether.samplers.gumbel.BlockKeys``: ``block_keys``), the top k: ``plain_step``;
+then the one host copy per step (``host_copy``: ``[3, B, k]`` float64).
 This script times exactly those calls (tether's own functions, no copy of them), whole and by
 part, at B in {1, 8, 32, 64, 128, 256} and V in {49,152 (SmolLM2), 128,256 (Llama 3),
 262,144 (Gemma 3)}, fp32 logits, and beside them a decode step of two dense models (bf16):
@@ -18,9 +21,9 @@ part, at B in {1, 8, 32, 64, 128, 256} and V in {49,152 (SmolLM2), 128,256 (Llam
 
 A decode step is timed as its matrix products for B tokens (QKV, output, gate-up, down per layer,
 and the LM head); attention over the KV cache, norms and activations are left out, so the real
-step is longer and the share reported, ``awrs / (decode + awrs)``, is an upper bound on what
-AWRS adds. Times are wall-clock medians (AWRS's step 2 is host-bound: one launch per row), with
-the device synchronized before and after each call.
+step is longer and the shares reported, ``awrs / (decode + awrs)`` for each kind of row, are
+upper bounds on what AWRS adds. Times are wall-clock medians, with the device synchronized
+before and after each call.
 
     python bench/awrs_gpu.py [--out bench/results/awrs_gpu.json]   # on a GPU, about 3 minutes
     python bench/awrs_gpu.py --smoke                                # tiny sizes on the CPU
@@ -43,8 +46,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from tether.samplers.candidates import rank_batch  # noqa: E402
-from tether.samplers.gumbel import gumbel_keys  # noqa: E402
+from tether.samplers.gumbel import BlockKeys  # noqa: E402
 
 VOCABS = {"smollm2": 49_152, "llama3": 128_256, "gemma3": 262_144}
 BATCHES = [1, 8, 32, 64, 128, 256]
@@ -103,34 +108,35 @@ class DecodeStep:
 def awrs_parts(logits: torch.Tensor, seeds: list[int], steps: list[int]) -> dict:
     """Callables for AWRS's step, whole and by part, on one batch of logits."""
     logprobs = torch.log_softmax(logits, dim=-1)
-    keys = gumbel_keys(logprobs, seeds, steps)
-    top_keys, top_idx = keys.topk(K, dim=-1)
-
-    def topk_gather():
-        tk, ti = keys.topk(K, dim=-1)
-        return logprobs.gather(-1, ti)
+    keys = BlockKeys(logprobs, seeds, steps)
+    top_keys, top_idx = keys.top(K)
+    rng = np.random.default_rng(0)
+    masks = [rng.random(logits.shape[-1]) < 0.2 for _ in range(logits.shape[0])]
 
     def host_copy():
         return torch.stack([top_idx.to(torch.float64), top_keys.to(torch.float64),
                             top_keys.to(torch.float64)]).cpu().numpy()
 
-    def whole():
-        return rank_batch(torch.log_softmax(logits, dim=-1), seeds, steps, K)
-
     return {"log_softmax": lambda: torch.log_softmax(logits, dim=-1),
-            "gumbel_keys": lambda: gumbel_keys(logprobs, seeds, steps),
-            "topk_gather": topk_gather, "host_copy": host_copy, "awrs_step": whole}
+            "block_keys": lambda: BlockKeys(logprobs, seeds, steps).top(K),
+            "host_copy": host_copy,
+            "plain_step": lambda: rank_batch(logits, seeds, steps, K),
+            "masked_step": lambda: rank_batch(logits, seeds, steps, K, masks=masks)}
 
 
 def check(device: torch.device) -> None:
-    """The timed call is AWRS's: candidates in key order, seeded rows repeat themselves."""
+    """The timed calls are AWRS's: candidates in key order, seeded rows repeat themselves,
+    masked rows draw allowed tokens."""
     logits = torch.randn(4, 1000, device=device)
-    lp = torch.log_softmax(logits, -1)
-    a = rank_batch(lp, [1, 2, 3, 4], [0, 0, 0, 0], K)
-    b = rank_batch(lp, [1, 2, 3, 4], [0, 0, 0, 0], K)
+    a = rank_batch(logits, [1, 2, 3, 4], [0, 0, 0, 0], K)
+    b = rank_batch(logits, [1, 2, 3, 4], [0, 0, 0, 0], K)
     assert (a.tokens == b.tokens).all(), "seeded Gumbel ranking does not repeat itself"
-    keys = a.keys.gather(-1, torch.as_tensor(a.tokens, device=device))
+    keys = a.keys.full().gather(-1, torch.as_tensor(a.tokens, device=device))
     assert (keys[:, :-1] >= keys[:, 1:]).all(), "candidates are not in key order"
+    allowed = np.zeros(1000, dtype=bool)
+    allowed[::7] = True
+    m = rank_batch(logits, [1, 2, 3, 4], [0, 0, 0, 0], K, masks=[allowed] * 4)
+    assert all(allowed[m.stream(i).masked()[0]] for i in range(4)), "masked draw not allowed"
 
 
 def main() -> None:
@@ -165,12 +171,15 @@ def main() -> None:
                 row = {"vocab": vname, "V": vocab, "batch": batch, "model": mname,
                        "decode_matmul_ms": round(decode, 4),
                        **{f"{k}_ms": round(v, 4) for k, v in parts.items()},
-                       "awrs_share": round(parts["awrs_step"] / (decode + parts["awrs_step"]), 4)}
+                       **{f"{kind}_share": round(parts[f"{kind}_step"]
+                                                 / (decode + parts[f"{kind}_step"]), 4)
+                          for kind in ("masked", "plain")}}
                 rows.append(row)
                 print(f"V={vocab:>7} B={batch:>4} {mname}: decode {decode:8.3f} ms  "
-                      f"awrs {parts['awrs_step']:7.3f} ms (gumbel {parts['gumbel_keys']:.3f}, "
-                      f"topk {parts['topk_gather']:.3f}, copy {parts['host_copy']:.3f})  "
-                      f"share {row['awrs_share']:.1%}", flush=True)
+                      f"masked {parts['masked_step']:7.3f} ms ({row['masked_share']:.1%})  "
+                      f"plain {parts['plain_step']:7.3f} ms ({row['plain_share']:.1%}; "
+                      f"keys {parts['block_keys']:.3f}, copy {parts['host_copy']:.3f})",
+                      flush=True)
             del logits
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -105,18 +105,12 @@ def worker_tether(job: dict) -> dict:
         spec = tether_spec(name)
         c = llm.constraint(spec)
         sequences = enumerate_outputs(c, MAX_TOKENS)
-        scores, log_q = score_with_proposal(llm, llm.prompt_ids(problem["prompt"]), sequences)
-        labels = [label(name, llm.tokenizer.decode(seq, skip_special_tokens=True))
-                  for seq in sequences]
-        pi = collections.defaultdict(float)
-        for lab, lp in zip(labels, scores):
-            pi[lab] += math.exp(lp)
-        z = sum(pi.values())
-        out["exact"][name] = {"pi": {k: v / z for k, v in pi.items()}, "z": z,
-                              "sequences": len(sequences),
-                              # per sequence: (output, log p, log q under the proposal)
-                              "by_sequence": [[lab, lp, lq] for lab, lp, lq
-                                              in zip(labels, scores, log_q)]}
+        prompt_ids = llm.prompt_ids(problem["prompt"])
+        out["exact"][name] = exact_answer(llm, name, prompt_ids, sequences)
+        flags = [is_canonical(llm.tokenizer, s, c.eos_token_ids) for s in sequences]
+        out["exact"][name]["is_canonical"] = flags
+        out["exact"][name]["canonical"] = exact_answer(
+            llm, name, prompt_ids, [s for s, ok in zip(sequences, flags) if ok])
         for n in job["ns"]:
             for method in methods:
                 if method in SMC_WEIGHTS:
@@ -132,6 +126,27 @@ def worker_tether(job: dict) -> dict:
                 out.setdefault(method, {}).setdefault(name, {})[n] = found
     llm.close()
     return out
+
+
+def is_canonical(tokenizer, sequence: list[int], stop_ids) -> bool:
+    """Whether ``sequence`` (stop tokens aside) is the tokenizer's own encoding of its text."""
+    body = [t for t in sequence if t not in stop_ids]
+    return tokenizer.encode(tokenizer.decode(body), add_special_tokens=False) == body
+
+
+def exact_answer(llm, name: str, prompt_ids: list[int], sequences: list[list[int]]) -> dict:
+    """pi over outputs (the model restricted to ``sequences``), and per sequence its output,
+    log p and log q under the locally constrained proposal over the same sequences."""
+    scores, log_q = score_with_proposal(llm, prompt_ids, sequences)
+    labels = [label(name, llm.tokenizer.decode(seq, skip_special_tokens=True))
+              for seq in sequences]
+    pi = collections.defaultdict(float)
+    for lab, lp in zip(labels, scores):
+        pi[lab] += math.exp(lp)
+    z = sum(pi.values())
+    return {"pi": {k: v / z for k, v in pi.items()}, "z": z, "sequences": len(sequences),
+            # per sequence: (output, log p, log q under the proposal)
+            "by_sequence": [[lab, lp, lq] for lab, lp, lq in zip(labels, scores, log_q)]}
 
 
 def score_with_proposal(llm, prompt_ids: list[int], sequences: list[list[int]]):
@@ -301,6 +316,20 @@ def proposal_by_output(exact: dict) -> dict:
     return dict(q)
 
 
+def noncanonical_mass(exact: dict, canonical: dict) -> dict:
+    """The share of pi and of the proposal q on tokenizations that are not the tokenizer's own
+    (``exact["is_canonical"]``), and the TV between pi and pi over canonical ones only."""
+    rows, flags = exact["by_sequence"], exact["is_canonical"]
+    log_z = math.log(math.fsum(math.exp(r[1]) for r in rows))
+    q_all = math.fsum(math.exp(r[2]) for r in rows)
+    keys = set(exact["pi"]) | set(canonical["pi"])
+    return {"q": math.fsum(math.exp(r[2]) for r, ok in zip(rows, flags) if not ok) / q_all,
+            "pi": math.fsum(math.exp(r[1] - log_z) for r, ok in zip(rows, flags) if not ok),
+            "tv_pi_canonical": 0.5 * math.fsum(abs(exact["pi"].get(k, 0.0)
+                                                   - canonical["pi"].get(k, 0.0))
+                                               for k in keys)}
+
+
 def summarize(measured: dict, ns: list[int], methods: list[str]) -> dict:
     table = {}
     for name in measured["exact"]:
@@ -311,6 +340,14 @@ def summarize(measured: dict, ns: list[int], methods: list[str]) -> dict:
                                       for n in ns}
             measured["exact"][name]["proposal_chi2"] = proposal_chi2(measured["exact"][name])
             measured["exact"][name]["proposal_q"] = proposal_by_output(measured["exact"][name])
+        canonical = measured["exact"][name].get("canonical")
+        if canonical:  # the same floors over canonical tokenizations only, against their pi
+            rows["canonical-iid-floor"] = {n: {"tv": iid_floor(canonical["pi"], n)} for n in ns}
+            rows["canonical-proposal-floor"] = {n: {"tv": proposal_floor(canonical, n)}
+                                                for n in ns}
+            canonical["proposal_chi2"] = proposal_chi2(canonical)
+            measured["exact"][name]["noncanonical"] = noncanonical_mass(
+                measured["exact"][name], canonical)
         for method in methods:
             per_n = measured[method][name]
             rows[method] = {}
@@ -359,10 +396,10 @@ def markdown(table: dict, throughput: dict, ns: list[int]) -> str:
              "|---|---|" + "---|" * len(ns)]
     for name, rows in table.items():
         for method, per_n in rows.items():
-            if method == "iid-floor":
+            if method in ("iid-floor", "canonical-iid-floor"):
                 cells = [f"{per_n[n]['tv']:.3f}" for n in ns]
-            elif method == "proposal-floor":
-                floor = rows["iid-floor"]
+            elif method.endswith("proposal-floor"):
+                floor = rows[method.replace("proposal", "iid")]
                 cells = [f"{per_n[n]['tv']:.3f} ({per_n[n]['tv'] / floor[n]['tv']:.2f}x)"
                          for n in ns]
             else:
@@ -372,7 +409,10 @@ def markdown(table: dict, throughput: dict, ns: list[int]) -> str:
     lines.append("")
     lines.append("Cells: mean TV ± standard error (ratio to the i.i.d. floor at the same N). "
                  "proposal-floor: importance sampling from AWRS's locally constrained "
-                 "proposal with exact weights, no resampling (``proposal_floor``).")
+                 "proposal with exact weights, no resampling (``proposal_floor``). "
+                 "canonical-: the same floors if only the tokenizer's own tokenizations were "
+                 "allowed (the proposal's allowed tokens after a prefix: those that continue "
+                 "to a canonical output), against pi over those tokenizations.")
     if not throughput:
         return "\n".join(lines)
     ratio = throughput["8"] / throughput["1"]
@@ -439,6 +479,14 @@ def main() -> None:
                                           "throughput": measured["throughput"]}, indent=2))
     plot(table, Path(args.out).with_suffix(".png"), ns)
     print(markdown(table, measured["throughput"], ns))
+    for name, exact in measured["exact"].items():
+        if "noncanonical" in exact:
+            share = exact["noncanonical"]
+            print(f"{name}: non-canonical tokenizations carry {share['q']:.3f} of the proposal "
+                  f"q and {share['pi']:.5f} of pi; TV(pi, pi over canonical ones) "
+                  f"{share['tv_pi_canonical']:.4f}; chi^2(pi || q) "
+                  f"{exact.get('proposal_chi2', float('nan')):.3f}, over canonical ones "
+                  f"{exact['canonical']['proposal_chi2']:.3f}")
 
 
 if __name__ == "__main__":

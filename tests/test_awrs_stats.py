@@ -287,3 +287,19 @@ def test_shaping_never_writes_into_the_logits():
     assert torch.equal(logits, torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]))
     assert torch.isinf(out).sum() == 3
     assert shape_logits(logits, None, torch.tensor([0]), torch.tensor([1.0])) is logits
+
+
+def test_bounded_fallback_refuses_a_mask_that_allows_a_rejected_token():
+    """The fallback draws afresh from p restricted to the mask, which is right only if the mask
+    holds none of the tokens the checks rejected: a mask that does is refused, not used."""
+    logprobs, _, allowed = make_case(1000, "single", 7)
+    ranked = rank_batch(logprobs[None, :], [3], [0], 8)
+    stream = ranked.stream(0)
+    first = ranked.tokens[0, 0]
+    liar = allowed.copy()
+    liar[first] = True  # the mask allows the first candidate, which the check rejects
+    with pytest.raises(awrs.InconsistentMask):
+        awrs.recursive_awrs(stream, allowed.__getitem__, max_rejections=4, allowed=lambda: liar)
+    honest = awrs.recursive_awrs(ranked.stream(0), allowed.__getitem__, max_rejections=4,
+                                 allowed=lambda: allowed)
+    assert honest.exact and allowed[honest.token]

@@ -96,6 +96,8 @@ class Candidates(Protocol):
 
     def exact(self, allowed: np.ndarray) -> tuple[int, float] | None: ...
 
+    def read(self) -> list[int]: ...
+
 
 @dataclass
 class StepResult:
@@ -119,18 +121,30 @@ class InconsistentMask(RuntimeError):
 
 def _finish_exact(cands: Candidates, allowed: Callable[[], np.ndarray], checks: int,
                   rejections: int, weighted: bool, sample: int | None = None) -> StepResult:
-    """Finish a step from the full mask: the allowed token with the largest key, weight Z_A.
+    """Finish a step from the full mask A, weight Z_A.
 
-    ``sample``: a token already accepted in key order, which must be that same token.
+    Every candidate read so far was rejected, except ``sample`` when given (a token already
+    accepted in key order). Without a sample, the token is a fresh draw from p restricted to A
+    (``cands.exact``): A holds none of the rejected tokens, so the first allowed token of the
+    key order is distributed as p restricted to A whatever was rejected before it, and so is
+    that draw. With a sample, the sample is the first allowed token of the key order, so it is
+    the token. Either way, a mask that allows a rejected token (or not the sample) contradicts
+    the checks: ``InconsistentMask``.
     """
-    found = cands.exact(allowed())
+    mask = allowed()
+    rejected = [t for t in cands.read() if t != sample]
+    if any(mask[t] for t in rejected if t < len(mask)):
+        raise InconsistentMask("the mask allows a token its check rejected")
+    if sample is not None and not (sample < len(mask) and mask[sample]):
+        raise InconsistentMask(f"token {sample} was accepted but the mask does not allow it")
+    found = cands.exact(mask)
     if found is None:
         if sample is not None:
             raise InconsistentMask(f"token {sample} was accepted but the mask allows nothing")
         return StepResult(None, -math.inf, checks, rejections, exact=True)
     token, log_mass = found
-    if sample is not None and token != sample:
-        raise InconsistentMask(f"token {sample} was accepted first, but the mask's best is {token}")
+    if sample is not None:
+        token = sample
     return StepResult(token, log_mass if weighted else 0.0, checks, rejections, exact=True)
 
 

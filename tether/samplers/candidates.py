@@ -2,11 +2,14 @@
 
 For a batch of rows, ``rank_batch`` takes each row's distribution p (log-probabilities, shaped
 by the request's sampling parameters beforehand: ``tether.decode.shaping`` does it with vLLM's
-operations), perturbs it with counter-based Gumbel noise (``gumbel.gumbel_keys``), and takes
-the ``k`` best keys of every row in one batched ``topk``. One copy brings those candidates to
-the host. Each row then reads its candidates in key order through a ``CandidateStream``; only a row whose ``k`` candidates were all rejected goes back to
-the device for more (``topk`` again, twice as deep), and only the bounded-cost fallback asks the
-device for the exact allowed mass (``exact``).
+operations), perturbs it with counter-based Gumbel noise and takes the ``k`` best keys of every
+row, in batched operations (``gumbel.BlockKeys``: keys built from the top down, noise for the
+blocks of 256 tokens and for the tokens of the k best blocks only). One copy brings those
+candidates to the host. Each row then reads its candidates in key order through a
+``CandidateStream``; only a row whose ``k`` candidates were all rejected goes back to the device
+for more (twice as deep), and only the bounded-cost fallback asks the device for the exact
+allowed mass (``exact``: a draw from p restricted to the mask and log Z_A, as for rows with a
+mask below).
 
 Rows that bring their constraint's full mask (exact weights, ``samplers.awrs.exact_weight``)
 need no candidates: they get, in the same copy, a draw from p restricted to the mask and the
@@ -18,21 +21,21 @@ with Gumbel keys and a masked logsumexp took 33-47 ms, the masked draw 5-8 ms.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from tether.samplers.gumbel import gumbel_keys, mix_seed
+from tether.samplers.gumbel import BlockKeys, mix_seed
 
 
 @dataclass
 class RankedBatch:
     """Device tensors of one step plus the host copy of each row's top candidates."""
 
-    keys: torch.Tensor | None  # [P, V] Gumbel keys of the P rows without a mask (device)
-    logprobs: torch.Tensor | None  # [P, V] their log-probabilities (device)
+    keys: BlockKeys | None  # Gumbel keys of the P rows without a mask (device)
     tokens: np.ndarray  # [B, k] int64, best keys first (rows with a mask: -1)
     token_logprobs: np.ndarray  # [B, k] float64
     finite: np.ndarray  # [B, k] bool: key > -inf (the token has positive probability)
@@ -40,14 +43,19 @@ class RankedBatch:
     masked: list[tuple[int, float, bool] | None] | None = None
     key_rows: dict[int, int] | None = None  # row -> its row of ``keys`` (None: the same)
 
+    @property
+    def logprobs(self) -> torch.Tensor | None:
+        """``[P, V]`` log-probabilities of the rows without a mask (device)."""
+        return None if self.keys is None else self.keys.logprobs
+
     def stream(self, row: int) -> "CandidateStream":
         found = self.masked[row] if self.masked is not None else None
         if found is not None:
-            return CandidateStream(None, None, self.tokens[row, :0], self.token_logprobs[row, :0],
+            return CandidateStream(None, -1, self.tokens[row, :0], self.token_logprobs[row, :0],
                                    self.finite[row, :0], found)
         key_row = row if self.key_rows is None else self.key_rows[row]
-        return CandidateStream(self.keys[key_row], self.logprobs[key_row], self.tokens[row],
-                               self.token_logprobs[row], self.finite[row])
+        return CandidateStream(self.keys, key_row, self.tokens[row], self.token_logprobs[row],
+                               self.finite[row])
 
 
 def _device_masks(masks: list[np.ndarray], vocab: int, device: torch.device,
@@ -157,14 +165,14 @@ def rank_batch(scores: torch.Tensor, seeds: list[int], steps: list[int], k: int,
     plain = [i for i in range(batch) if masks is None or masks[i] is None]
     k = min(k, vocab)
     parts = []
-    keys = logprobs = None
+    keys = None
     if plain:
         sub = scores if len(plain) == batch else scores[torch.tensor(plain, device=dev)]
-        logprobs = sub.log_softmax(-1)
-        keys = gumbel_keys(logprobs, [seeds[i] for i in plain], [steps[i] for i in plain],
-                           None if noise is None else [noise[i] for i in plain])
-        top_keys, top_idx = keys.topk(k, dim=-1)
-        top_lp = logprobs.gather(-1, top_idx)
+        keys = BlockKeys(sub.log_softmax(-1), [seeds[i] for i in plain],
+                         [steps[i] for i in plain],
+                         None if noise is None else [noise[i] for i in plain])
+        top_keys, top_idx = keys.top(k)
+        top_lp = keys.logprobs.gather(-1, top_idx)
         parts.append(torch.stack([top_idx.to(torch.float64), top_lp.to(torch.float64),
                                   top_keys.to(torch.float64)]).flatten())
     uniforms = [draw_uniform(seeds[i], steps[i]) for i in masked_rows]
@@ -199,25 +207,28 @@ def rank_batch(scores: torch.Tensor, seeds: list[int], steps: list[int], k: int,
             found = bool(np.isfinite(draws[1, j]))
             masked[i] = (int(draws[0, j]) if found else -1, float(draws[1, j]), found)
     key_rows = None if len(plain) == batch else {i: j for j, i in enumerate(plain)}
-    return RankedBatch(keys, logprobs, tokens, token_lp, finite, masked, key_rows)
+    return RankedBatch(keys, tokens, token_lp, finite, masked, key_rows)
 
 
 class CandidateStream:
     """One row's tokens in decreasing key order (a draw without replacement from p).
 
     ``next()`` returns ``(token, logprob)`` or ``None`` once every token with positive
-    probability has been returned. ``exact(allowed)`` returns the token with the largest key
-    among the allowed ids and the log of their total probability, or ``None`` if they have none.
-    ``masked()``: the same for the mask the row brought to ``rank_batch``, computed there.
+    probability has been returned. ``exact(allowed)`` returns a draw from p restricted to
+    the allowed ids (inverse CDF at a uniform seeded by the row's seed and step) and the log of
+    their total probability, or ``None`` if they have none; ``read()`` the tokens ``next()``
+    returned (``samplers.awrs`` checks the mask against them). ``masked()``: the same draw for
+    the mask the row brought to ``rank_batch``, computed there.
     ``device_seconds`` accumulates the time spent in device operations for this row.
     """
 
-    def __init__(self, keys: torch.Tensor, logprobs: torch.Tensor, tokens: np.ndarray,
+    def __init__(self, keys: BlockKeys | None, key_row: int, tokens: np.ndarray,
                  token_logprobs: np.ndarray, finite: np.ndarray,
                  masked: tuple[int, float, bool] | None = None):
         self._masked = masked
         self._keys = keys
-        self._logprobs = logprobs
+        self._key_row = key_row
+        self._full: torch.Tensor | None = None
         self._tokens = tokens
         self._logps = token_logprobs
         self._finite = finite
@@ -227,13 +238,21 @@ class CandidateStream:
 
     def _fetch_more(self) -> bool:
         have = len(self._tokens)
-        vocab = self._keys.shape[-1]
+        vocab = self._keys.vocab
         if have >= vocab or not self._finite[-1]:
             return False
         t0 = time.perf_counter()
         depth = min(vocab, 2 * have)
-        top_keys, top_idx = self._keys.topk(depth)
-        top_lp = self._logprobs.gather(-1, top_idx)
+        if self._full is None and 4 * depth < self._keys.block_keys.shape[1]:
+            # a few more blocks: expand the best ``depth`` of them again
+            row = torch.tensor([self._key_row], device=self._keys.logprobs.device)
+            top_keys, top_idx = (t[0] for t in self._keys.top(depth, row))
+        else:  # deep: every key of the row, expanded once
+            if self._full is None:
+                row = torch.tensor([self._key_row], device=self._keys.logprobs.device)
+                self._full = self._keys.full(row)[0]
+            top_keys, top_idx = self._full.topk(depth)
+        top_lp = self._keys.logprobs[self._key_row].gather(-1, top_idx)
         packed = torch.stack([top_idx.to(torch.float64), top_lp.to(torch.float64),
                               top_keys.to(torch.float64)])[:, have:].cpu().numpy()
         self._tokens = np.concatenate([self._tokens, packed[0].astype(np.int64)])
@@ -263,16 +282,20 @@ class CandidateStream:
         token, log_mass, finite = self._masked
         return (token, log_mass) if finite else None
 
+    def read(self) -> list[int]:
+        """The tokens ``next()`` has returned so far."""
+        return [int(t) for t in self._tokens[: self._pos]]
+
     def exact(self, allowed: np.ndarray) -> tuple[int, float] | None:
         self._ranked()
         t0 = time.perf_counter()
-        mask_t = _device_masks([allowed], self._keys.shape[-1], self._keys.device)[0]
-        keys = self._keys.masked_fill(~mask_t, float("-inf"))
-        best = keys.argmax()
-        log_mass = self._logprobs.masked_fill(~mask_t, float("-inf")).logsumexp(-1)
-        out = torch.stack([best.to(torch.float64), keys[best].to(torch.float64),
-                           log_mass.to(torch.float64)]).cpu().numpy()
+        logprobs = self._keys.logprobs[self._key_row][None]
+        u = draw_uniform(self._keys.seeds[self._key_row], 0xFA11)
+        out = masked_draws(logprobs, [allowed], [u])
+        if out[2, 0] < torch.finfo(logprobs.dtype).tiny * self._keys.vocab * 1e8:
+            out = _masked_draws_in_log_space(logprobs, [allowed], [u])
+        token, log_mass = out[:2, 0].tolist()
         self.device_seconds += time.perf_counter() - t0
-        if not np.isfinite(out[1]):
+        if not math.isfinite(log_mass):
             return None
-        return int(out[0]), float(out[2])
+        return int(token), log_mass
