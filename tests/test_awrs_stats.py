@@ -303,3 +303,15 @@ def test_bounded_fallback_refuses_a_mask_that_allows_a_rejected_token():
     honest = awrs.recursive_awrs(ranked.stream(0), allowed.__getitem__, max_rejections=4,
                                  allowed=lambda: allowed)
     assert honest.exact and allowed[honest.token]
+
+
+def test_greedy_fallback_takes_the_most_probable_allowed_token():
+    """A greedy row's bounded fallback is deterministic: the most probable allowed token,
+    whatever the seed (the engine test of greedy decoding once caught a seeded draw here)."""
+    logprobs, p, allowed = make_case(1000, "rare", 9)
+    best = int(np.argmax(np.where(allowed, p, -1.0)))
+    for seed in range(5):
+        ranked = rank_batch(logprobs[None, :], [seed], [0], 8, noise=[False])
+        res = awrs.lcd(ranked.stream(0), allowed.__getitem__, max_rejections=4,
+                       allowed=lambda: allowed)
+        assert res.exact and res.token == best

@@ -216,7 +216,8 @@ class CandidateStream:
     ``next()`` returns ``(token, logprob)`` or ``None`` once every token with positive
     probability has been returned. ``exact(allowed)`` returns a draw from p restricted to
     the allowed ids (inverse CDF at a uniform seeded by the row's seed and step) and the log of
-    their total probability, or ``None`` if they have none; ``read()`` the tokens ``next()``
+    their total probability (a greedy row: the most probable of them), or ``None`` if they
+    have none; ``read()`` the tokens ``next()``
     returned (``samplers.awrs`` checks the mask against them). ``masked()``: the same draw for
     the mask the row brought to ``rank_batch``, computed there.
     ``device_seconds`` accumulates the time spent in device operations for this row.
@@ -290,11 +291,17 @@ class CandidateStream:
         self._ranked()
         t0 = time.perf_counter()
         logprobs = self._keys.logprobs[self._key_row][None]
-        u = draw_uniform(self._keys.seeds[self._key_row], 0xFA11)
-        out = masked_draws(logprobs, [allowed], [u])
-        if out[2, 0] < torch.finfo(logprobs.dtype).tiny * self._keys.vocab * 1e8:
-            out = _masked_draws_in_log_space(logprobs, [allowed], [u])
-        token, log_mass = out[:2, 0].tolist()
+        if not self._keys.noisy[self._key_row]:  # greedy: the most probable allowed token
+            mask_t = _device_masks([allowed], self._keys.vocab, logprobs.device)
+            masked = logprobs.masked_fill(~mask_t, float("-inf"))
+            token, log_mass = torch.stack([masked.argmax(-1).to(torch.float64),
+                                           masked.logsumexp(-1).to(torch.float64)])[:, 0].tolist()
+        else:
+            u = draw_uniform(self._keys.seeds[self._key_row], 0xFA11)
+            out = masked_draws(logprobs, [allowed], [u])
+            if out[2, 0] < torch.finfo(logprobs.dtype).tiny * self._keys.vocab * 1e8:
+                out = _masked_draws_in_log_space(logprobs, [allowed], [u])
+            token, log_mass = out[:2, 0].tolist()
         self.device_seconds += time.perf_counter() - t0
         if not math.isfinite(log_mass):
             return None

@@ -114,7 +114,8 @@ class BlockKeys:
         self.blocks = padded.view(rows, -1, BLOCK)  # [P, nb, BLOCK]
         self.seeds = [mix_seed(s, t) for s, t in zip(seeds, steps)]  # per row
         self.row_seeds = torch.tensor(self.seeds, dtype=torch.int64, device=dev)
-        self.noise = torch.tensor([True] * rows if noise is None else noise, device=dev)
+        self.noisy = [True] * rows if noise is None else list(noise)  # per row
+        self.noise = torch.tensor(self.noisy, device=dev)
         n_blocks = self.blocks.shape[1]
         mass = self.blocks.logsumexp(-1)  # L_b
         block_ids = torch.arange(n_blocks, device=dev).expand(rows, n_blocks)
