@@ -251,12 +251,12 @@ def test_dead_particle_when_nothing_is_allowed():
 
 
 def test_keys_are_a_pure_function_of_seed_and_step():
-    from tether.samplers.gumbel import gumbel_keys
+    from tether.samplers.gumbel import BlockKeys
 
     logprobs = torch.randn(3, 1000, dtype=torch.float64).log_softmax(-1)
     seeds, steps = [1, 2, 1], [5, 5, 6]
-    a = gumbel_keys(logprobs, seeds, steps)
-    b = gumbel_keys(logprobs.flip(0), seeds[::-1], steps[::-1]).flip(0)
+    a = BlockKeys(logprobs, seeds, steps).full()
+    b = BlockKeys(logprobs.flip(0), seeds[::-1], steps[::-1]).full().flip(0)
     assert torch.equal(a, b)  # no hidden generator state, rows independent of their position
     assert not torch.equal(a[0] - logprobs[0], a[2] - logprobs[2])  # another step, other noise
     g = (a - logprobs).flatten()  # the Gumbel noise itself

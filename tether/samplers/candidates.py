@@ -145,6 +145,20 @@ def _masked_draws_in_log_space(scores: torch.Tensor, masks: list[np.ndarray],
     return torch.stack([token, log_z, z])
 
 
+def _redo_underflows(draws: np.ndarray, scores: torch.Tensor, rows: list[int],
+                     masks: list[np.ndarray], uniforms: list[float]) -> np.ndarray:
+    """``draws`` (``masked_draws``'s host copy for ``rows`` of ``scores``) with the rows whose
+    allowed mass, relative to their top token, is near float32's smallest normal (it may have
+    lost terms to underflow) redone in log space."""
+    floor = torch.finfo(scores.dtype).tiny * scores.shape[-1] * 1e8
+    redo = [j for j in range(len(rows)) if draws[2, j] < floor]
+    if redo:
+        index = torch.tensor([rows[j] for j in redo], device=scores.device)
+        draws[:, redo] = _masked_draws_in_log_space(
+            scores[index], [masks[j] for j in redo], [uniforms[j] for j in redo]).cpu().numpy()
+    return draws
+
+
 def rank_batch(scores: torch.Tensor, seeds: list[int], steps: list[int], k: int,
                noise: list[bool] | None = None,
                masks: list[np.ndarray | None] | None = None) -> RankedBatch:
@@ -191,17 +205,8 @@ def rank_batch(scores: torch.Tensor, seeds: list[int], steps: list[int], k: int,
         finite[plain] = np.isfinite(cands[2])
     masked = None
     if masked_rows:
-        draws = packed[3 * len(plain) * k:].reshape(3, len(masked_rows))
-        # an allowed mass near float32's smallest normal, relative to the row's top token,
-        # may have lost terms to underflow: redo those rows in log space
-        floor = torch.finfo(scores.dtype).tiny * vocab * 1e8
-        redo = [j for j in range(len(masked_rows)) if draws[2, j] < floor]
-        if redo:
-            index = torch.tensor([masked_rows[j] for j in redo], device=dev)
-            again = _masked_draws_in_log_space(
-                scores[index], [masks[masked_rows[j]] for j in redo],
-                [uniforms[j] for j in redo]).cpu().numpy()
-            draws[:, redo] = again
+        draws = _redo_underflows(packed[3 * len(plain) * k:].reshape(3, len(masked_rows)),
+                                 scores, masked_rows, [masks[i] for i in masked_rows], uniforms)
         masked = [None] * batch
         for j, i in enumerate(masked_rows):
             found = bool(np.isfinite(draws[1, j]))
@@ -298,9 +303,8 @@ class CandidateStream:
                                            masked.logsumexp(-1).to(torch.float64)])[:, 0].tolist()
         else:
             u = draw_uniform(self._keys.seeds[self._key_row], 0xFA11)
-            out = masked_draws(logprobs, [allowed], [u])
-            if out[2, 0] < torch.finfo(logprobs.dtype).tiny * self._keys.vocab * 1e8:
-                out = _masked_draws_in_log_space(logprobs, [allowed], [u])
+            out = _redo_underflows(masked_draws(logprobs, [allowed], [u]).cpu().numpy(),
+                                   logprobs, [0], [allowed], [u])
             token, log_mass = out[:2, 0].tolist()
         self.device_seconds += time.perf_counter() - t0
         if not math.isfinite(log_mass):

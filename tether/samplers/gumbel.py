@@ -162,9 +162,3 @@ class BlockKeys:
         blocks = torch.arange(n_blocks, device=rows.device).expand(len(rows), n_blocks)
         return self.expand(rows, blocks).flatten(1)[:, : self.vocab]
 
-
-def gumbel_keys(logprobs: torch.Tensor, seeds: list[int], steps: list[int],
-                noise: list[bool] | None = None) -> torch.Tensor:
-    """Every token's key (``[B, V]``), as ``BlockKeys`` ranks them; -inf
-    log-probabilities stay -inf; rows whose ``noise`` flag is False get their log-probabilities."""
-    return BlockKeys(logprobs, seeds, steps, noise).full()
