@@ -12,6 +12,9 @@ the exact target pi(s) proportional to the sum of p(y | prompt) over the sequenc
 For N in ``--ns`` (default 1, 2, 4, ..., 256) and R runs each, the methods of ``--methods``:
 AWRS-SMC with N particles and exact step weights (``awrs-smc``; the default ``weights="auto"``
 on these llguidance constraints) and with AWRS's estimated weights (``awrs-smc-estimate``),
+AWRS-SMC with exact weights on ``tether.Canonical(spec)`` (``awrs-smc-canonical``: outputs
+spelled with the tokenizer's own encodings only; scored against its own exact target, pi over
+the sequences the filter accepts, enumerated with the same filter, and that target's floor),
 LCD (N unweighted AWRS-without-weights samples: what token masking samples), and vLLM's
 structured outputs with xgrammar (n = N samples). Reported: total variation and
 KL(estimate || pi), mean over the runs with its standard error, per method and N, beside the
@@ -51,8 +54,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 NS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-METHODS = ["awrs-smc", "awrs-smc-estimate", "lcd", "xgrammar"]
-SMC_WEIGHTS = {"awrs-smc": "exact", "awrs-smc-estimate": "estimate"}
+METHODS = ["awrs-smc", "awrs-smc-estimate", "awrs-smc-canonical", "lcd", "xgrammar"]
+SMC_WEIGHTS = {"awrs-smc": "exact", "awrs-smc-estimate": "estimate", "awrs-smc-canonical": "exact"}
+CANONICAL = {"awrs-smc-canonical"}  # methods whose target is pi over canonical tokenizations
 ANIMALS = ["cat", "cattle", "caterpillar", "dog", "dolphin", "donkey", "horse", "hamster"]
 COLOURS = ["red", "reddish", "green", "greenish", "blue", "bluish"]
 PROBLEMS = {
@@ -75,11 +79,12 @@ def label(problem: str, text: str) -> str:
     return text
 
 
-def tether_spec(problem: str):
-    from tether import Choice, Regex
+def tether_spec(problem: str, canonical: bool = False):
+    from tether import Canonical, Choice, Regex
 
     p = PROBLEMS[problem]
-    return {"json": lambda s: s, "regex": Regex, "choice": Choice}[p["kind"]](p["spec"])
+    spec = {"json": lambda s: s, "regex": Regex, "choice": Choice}[p["kind"]](p["spec"])
+    return Canonical(spec) if canonical else spec
 
 
 def divergences(estimate: dict, pi: dict) -> tuple[float, float]:
@@ -109,12 +114,17 @@ def worker_tether(job: dict) -> dict:
         out["exact"][name] = exact_answer(llm, name, prompt_ids, sequences)
         flags = [is_canonical(llm.tokenizer, s, c.eos_token_ids) for s in sequences]
         out["exact"][name]["is_canonical"] = flags
-        out["exact"][name]["canonical"] = exact_answer(
-            llm, name, prompt_ids, [s for s, ok in zip(sequences, flags) if ok])
+        # the target of tether.Canonical(spec): the sequences its filter accepts
+        accepted = enumerate_outputs(llm.constraint(tether_spec(name, canonical=True)),
+                                     MAX_TOKENS)
+        out["exact"][name]["canonical"] = exact_answer(llm, name, prompt_ids, accepted)
+        out["exact"][name]["canonical"]["is_canonical"] = [
+            is_canonical(llm.tokenizer, s, c.eos_token_ids) for s in accepted]
         for n in job["ns"]:
             for method in methods:
                 if method in SMC_WEIGHTS:
-                    runs = llm.generate([problem["prompt"]] * job["runs"], spec, particles=n,
+                    runs = llm.generate([problem["prompt"]] * job["runs"],
+                                        tether_spec(name, method in CANONICAL), particles=n,
                                         max_tokens=MAX_TOKENS, seed=1000 + n,
                                         weights=SMC_WEIGHTS[method])
                     found = [_weights(name, r) for r in runs]
@@ -323,7 +333,9 @@ def noncanonical_mass(exact: dict, canonical: dict) -> dict:
     log_z = math.log(math.fsum(math.exp(r[1]) for r in rows))
     q_all = math.fsum(math.exp(r[2]) for r in rows)
     keys = set(exact["pi"]) | set(canonical["pi"])
-    return {"q": math.fsum(math.exp(r[2]) for r, ok in zip(rows, flags) if not ok) / q_all,
+    return {"canonical_sequences": len(canonical["by_sequence"]),
+            "canonical_not_own_encoding": sum(not ok for ok in canonical["is_canonical"]),
+            "q": math.fsum(math.exp(r[2]) for r, ok in zip(rows, flags) if not ok) / q_all,
             "pi": math.fsum(math.exp(r[1] - log_z) for r, ok in zip(rows, flags) if not ok),
             "tv_pi_canonical": 0.5 * math.fsum(abs(exact["pi"].get(k, 0.0)
                                                    - canonical["pi"].get(k, 0.0))
@@ -341,7 +353,7 @@ def summarize(measured: dict, ns: list[int], methods: list[str]) -> dict:
             measured["exact"][name]["proposal_chi2"] = proposal_chi2(measured["exact"][name])
             measured["exact"][name]["proposal_q"] = proposal_by_output(measured["exact"][name])
         canonical = measured["exact"][name].get("canonical")
-        if canonical:  # the same floors over canonical tokenizations only, against their pi
+        if canonical:  # the same floors over the canonical filter's sequences, against its pi
             rows["canonical-iid-floor"] = {n: {"tv": iid_floor(canonical["pi"], n)} for n in ns}
             rows["canonical-proposal-floor"] = {n: {"tv": proposal_floor(canonical, n)}
                                                 for n in ns}
@@ -350,17 +362,22 @@ def summarize(measured: dict, ns: list[int], methods: list[str]) -> dict:
                 measured["exact"][name], canonical)
         for method in methods:
             per_n = measured[method][name]
+            # a canonical method is scored against its own target, pi over the canonical
+            # filter's sequences, and that target's floor; and against pi (``tv_pi``)
+            target, floor = (canonical["pi"], "canonical-iid-floor") if method in CANONICAL \
+                else (pi, "iid-floor")
             rows[method] = {}
             for n in ns:
                 runs = per_n[str(n)]
                 estimates = [r if method in SMC_WEIGHTS else empirical(r) for r in runs]
                 # a run with no finished output scores TV 1 (and KL inf): counted, not dropped
-                scores = [divergences(e, pi) if e else (1.0, math.inf) for e in estimates]
+                scores = [divergences(e, target) if e else (1.0, math.inf) for e in estimates]
                 tv = [s[0] for s in scores]
                 rows[method][n] = {
                     "tv": mean(tv), "tv_se": standard_error(tv),
                     "kl": mean([s[1] for s in scores]),
-                    "floor_ratio": mean(tv) / rows["iid-floor"][n]["tv"],
+                    "tv_pi": mean([divergences(e, pi)[0] if e else 1.0 for e in estimates]),
+                    "floor_ratio": mean(tv) / rows[floor][n]["tv"],
                     "runs_without_output": sum(1 for e in estimates if not e)}
         table[name] = rows
     return table
@@ -410,9 +427,10 @@ def markdown(table: dict, throughput: dict, ns: list[int]) -> str:
     lines.append("Cells: mean TV ± standard error (ratio to the i.i.d. floor at the same N). "
                  "proposal-floor: importance sampling from AWRS's locally constrained "
                  "proposal with exact weights, no resampling (``proposal_floor``). "
-                 "canonical-: the same floors if only the tokenizer's own tokenizations were "
-                 "allowed (the proposal's allowed tokens after a prefix: those that continue "
-                 "to a canonical output), against pi over those tokenizations.")
+                 "canonical-: the same floors over the sequences tether.Canonical accepts "
+                 "(the proposal's allowed tokens after a prefix: those that continue to one), "
+                 "against pi over them; awrs-smc-canonical (SMC with tether.Canonical) is "
+                 "scored against that pi and its floor.")
     if not throughput:
         return "\n".join(lines)
     ratio = throughput["8"] / throughput["1"]
@@ -482,6 +500,9 @@ def main() -> None:
     for name, exact in measured["exact"].items():
         if "noncanonical" in exact:
             share = exact["noncanonical"]
+            print(f"{name}: tether.Canonical accepts {share['canonical_sequences']} sequences, "
+                  f"{share['canonical_not_own_encoding']} of them not the tokenizer's own "
+                  f"encoding of their text")
             print(f"{name}: non-canonical tokenizations carry {share['q']:.3f} of the proposal "
                   f"q and {share['pi']:.5f} of pi; TV(pi, pi over canonical ones) "
                   f"{share['tv_pi_canonical']:.4f}; chi^2(pi || q) "

@@ -136,6 +136,13 @@ def compile_constraint(spec: Any, tokenizer: Any) -> Constraint:
 def _build(spec: Spec, vocab: TokenVocab) -> Constraint:
     from tether.constraints import grammar, prefix, structural
 
+    if spec.canonical:
+        from dataclasses import replace
+
+        from tether.constraints.canonical import CanonicalConstraint
+
+        return CanonicalConstraint(spec, compile_constraint(replace(spec, canonical=False), vocab))
+
     if spec.kind == "json_schema":
         return grammar.json_schema_constraint(spec, vocab)
     if spec.kind == "grammar":

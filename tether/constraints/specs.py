@@ -11,7 +11,9 @@ Accepted forms:
   text or xgrammar model), compiled by ``tether.constraints.structural``;
 * outlines output types: ``outlines.types.JsonSchema``, ``Regex``, ``CFG`` and any other outlines
   term (turned into its regular expression);
-* ``Predicate(fn)`` or a bare callable: a Python predicate over the decoded text prefix.
+* ``Predicate(fn)`` or a bare callable: a Python predicate over the decoded text prefix;
+* ``Canonical(spec)``: any of the above, spelled only with the tokenizer's own encodings
+  (``tether.constraints.canonical``).
 
 A bare string is ambiguous (a schema? a regex? a grammar?): it is accepted only where it parses
 as a JSON Schema; anything else raises ``ConstraintError`` pointing at the wrapper types.
@@ -29,6 +31,7 @@ schemas exhaust the recursion of the validators and compilers that read them.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import threading
@@ -106,6 +109,17 @@ class Predicate:
 
 
 @dataclass(frozen=True)
+class Canonical:
+    """``spec``, with outputs restricted to canonical tokenizations: the first token and every
+    adjacent pair of tokens is the tokenizer's own encoding of its text (see
+    ``tether.constraints.canonical``). The target becomes the model restricted to outputs the
+    spec accepts and spelled that way, which is where the model puts nearly all its mass; SMC
+    then spends no particles on spellings the model almost never produces."""
+
+    spec: Any
+
+
+@dataclass(frozen=True)
 class Spec:
     """A normalized constraint spec.
 
@@ -121,6 +135,7 @@ class Spec:
     predicate: Predicate | None = field(default=None, compare=False)
     # Predicates compare by identity of the callables, via a process-local reference.
     ref: int | None = None
+    canonical: bool = False  # see ``Canonical``
 
     @property
     def schema(self) -> Any:
@@ -129,14 +144,17 @@ class Spec:
 
     def describe(self) -> str:
         text = self.source if len(self.source) < 60 else self.source[:57] + "..."
-        return f"{self.kind}:{text}"
+        return f"{'canonical ' if self.canonical else ''}{self.kind}:{text}"
 
     def to_wire(self) -> dict:
         """A JSON-serializable form for ``SamplingParams.extra_args``."""
         if self.kind == "predicate":
             # Callables cannot cross a process boundary; the engine must run in-process.
-            return {"kind": "predicate", "ref": self.ref}
-        wire = {"kind": self.kind, "source": self.source}
+            wire = {"kind": "predicate", "ref": self.ref}
+        else:
+            wire = {"kind": self.kind, "source": self.source}
+        if self.canonical:
+            wire["canonical"] = True
         if self.flexible_whitespace:
             wire["flexible_whitespace"] = True
         if self.model is not None:
@@ -145,6 +163,11 @@ class Spec:
 
     @classmethod
     def from_wire(cls, wire: dict) -> "Spec":
+        spec = cls._from_wire(wire)
+        return dataclasses.replace(spec, canonical=True) if wire.get("canonical") else spec
+
+    @classmethod
+    def _from_wire(cls, wire: dict) -> "Spec":
         kind = wire.get("kind")
         if kind == "predicate":
             try:
@@ -252,6 +275,8 @@ def normalize(spec: Any) -> Spec:
     """Turn any accepted constraint form into a ``Spec`` (see the module docstring)."""
     if isinstance(spec, Spec):
         return spec
+    if isinstance(spec, Canonical):
+        return dataclasses.replace(normalize(spec.spec), canonical=True)
     if isinstance(spec, JsonSchema):
         return _schema_spec(spec.schema, whitespace=spec.whitespace)
     if isinstance(spec, Regex):
@@ -311,7 +336,8 @@ def normalize(spec: Any) -> Spec:
     raise ConstraintError(
         f"unsupported constraint of type {type(spec).__name__}; use a JSON Schema (dict), a "
         "pydantic model class, tether.Regex, tether.Grammar, tether.Choice, "
-        "tether.StructuralTag, an outlines type or a predicate")
+        "tether.StructuralTag, an outlines type or a predicate (any of them inside "
+        "tether.Canonical)")
 
 
 def _from_outlines(spec: Any) -> Spec | None:
