@@ -50,10 +50,13 @@ GENLM_PY = ROOT / "bench" / ".envs" / "genlm" / "bin" / "python"
 # tether and tether-smc run with exact step weights (the default on llguidance constraints);
 # the -estimate systems with AWRS's estimated weights (the cost of exact weights: one mask per
 # step instead of the estimator's second check)
-SYSTEMS = ("tether", "tether-estimate", "tether-lcd", "xgrammar", "guidance", "tether-smc",
-           "tether-smc-estimate", "genlm")
+# tether-canonical: tether on tether.Canonical(schema) (outputs spelled with the tokenizer's
+# own encodings where the schema constrains the spelling; the cost of that filter)
+SYSTEMS = ("tether", "tether-estimate", "tether-lcd", "tether-canonical", "xgrammar", "guidance",
+           "tether-smc", "tether-smc-estimate", "genlm")
 SUBSET_SYSTEMS = ("tether-smc", "tether-smc-estimate", "genlm")  # run on the first --genlm-schemas schemas
-REFERENCED = ("tether", "tether-estimate", "tether-lcd", "xgrammar", "guidance")  # rows with a reference run
+REFERENCED = ("tether", "tether-estimate", "tether-lcd", "tether-canonical", "xgrammar",
+              "guidance")  # rows with a reference run
 # engine settings every vLLM engine here shares (tether's defaults on the CPU)
 VLLM_SETTINGS = {"max_model_len": 4096, "gpu_memory_utilization": 0.5, "enforce_eager": True,
                  "block_size": 32, "enable_prefix_caching": True}
@@ -89,21 +92,23 @@ def same_process_layout() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
-def run_tether(job: dict, sampler: str, particles: int = 1, weights: str = "auto") -> dict:
-    from tether import ConstraintError
+def run_tether(job: dict, sampler: str, particles: int = 1, weights: str = "auto",
+               canonical: bool = False) -> dict:
+    from tether import Canonical, ConstraintError
     from tether.decode.llm import LLM
 
     llm = LLM(job["model"], max_model_len=4096)
     prompts, specs, names, refused = [], [], [], {}
     t0 = time.perf_counter()  # compilation is timed, as for every system
     for name, schema in job["schemas"]:
+        spec = Canonical(schema) if canonical else schema
         try:
-            llm.constraint(schema)
+            llm.constraint(spec)
         except ConstraintError as e:
             refused[name] = str(e)[:200]
             continue
         prompts.append(prompt_for(schema))
-        specs.append(schema)
+        specs.append(spec)
         names.append(name)
     extra = {} if particles == 1 else {"particles": particles,
                                        "ess_threshold": job["genlm_ess_threshold"]}
@@ -441,6 +446,8 @@ def main() -> None:
             result = run_tether(job, "awrs")
         elif args.worker == "tether-lcd":
             result = run_tether(job, "lcd")
+        elif args.worker == "tether-canonical":
+            result = run_tether(job, "awrs", canonical=True)
         elif args.worker == "tether-estimate":
             result = run_tether(job, "awrs", weights="estimate")
         elif args.worker == "tether-smc":

@@ -3,7 +3,7 @@
 On the real tokenizers: the filter accepts exactly the tokenizer's own encodings among
 every tokenization of small languages, it refuses dead ends (every token it allows continues to
 an accepted output), the tokenizer's encoding of a free JSON document passes it token by token
-while a split token does not, and a wide mask obeys the constraint's time budget. On the engine:
+while a split token does not, and a large filtered mask obeys the constraint's time budget. On the engine:
 SMC over canonical tokenizations matches the exactly enumerated target.
 """
 
@@ -60,45 +60,56 @@ def test_no_dead_ends(smollm2_vocab, spec):
         assert all(c.allows(state, t) for t in kids)
 
 
-def test_free_text_follows_the_tokenizer(smollm2_vocab):
-    schema = {"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"]}
+def test_json_follows_the_tokenizer(smollm2_vocab):
+    """The tokenizer's encoding of a JSON document passes token by token (free text in the
+    string is unfiltered; the key, the enum value and the number are filtered); the enum value
+    spelled in other pieces is refused, though the spec alone allows it."""
+    schema = {"type": "object", "properties": {
+        "colour": {"enum": COLOURS}, "note": {"type": "string"}, "count": {"type": "integer"}},
+        "required": ["colour", "note", "count"], "additionalProperties": False}
     c = compile_constraint(Canonical(schema), smollm2_vocab)
-    text = '{"note": "Tokenizers reddish-blue, 12 cats; naïve café."}'
+    plain = compile_constraint(schema, smollm2_vocab)
+    text = '{"colour": "reddish", "note": "Tokenizers: naïve café, 12 cats.", "count": 1234}'
     ids = smollm2_vocab.hf.encode(text, add_special_tokens=False)
     state = c.start()
     for t in ids:
         assert c.allows(state, t), smollm2_vocab.decode([t])
         state = c.advance(state, t)
     assert c.is_complete(state) and c.text(state) == text
-    # the same text with one token spelled as two pieces: refused where the split starts
-    # (or where it ends), though the spec alone allows it
-    word = next(i for i, t in enumerate(ids) if smollm2_vocab.token_bytes[t].strip().isalpha()
-                and len(smollm2_vocab.token_bytes[t]) >= 4 and i > 4)  # inside the string
-    piece = smollm2_vocab.token_bytes[ids[word]]
-    head = smollm2_vocab.hf.encode(piece[:2].decode(), add_special_tokens=False)
-    tail = smollm2_vocab.hf.encode(piece[2:].decode(), add_special_tokens=False)
-    plain = compile_constraint(schema, smollm2_vocab)
-    split = ids[:word] + head + tail + ids[word + 1:]
-    state, plain_state, refused = c.start(), plain.start(), False
-    for t in split:
-        assert plain.allows(plain_state, t)
-        plain_state = plain.advance(plain_state, t)
-        if not c.allows(state, t):
-            refused = True
-            break
-        state = c.advance(state, t)
-    assert refused
+
+    def first_refusal(constraint, tokens):
+        state = constraint.start()
+        for i, t in enumerate(tokens):
+            if not constraint.allows(state, t):
+                return i
+            state = constraint.advance(state, t)
+        return None
+
+    red = smollm2_vocab.hf.encode("red", add_special_tokens=False)
+    assert len(red) == 1
+    split = [smollm2_vocab.hf.encode(p, add_special_tokens=False) for p in ("re", "d")]
+    spelled = ids[:ids.index(red[0])] + split[0] + split[1] + ids[ids.index(red[0]) + 1:]
+    assert first_refusal(plain, spelled) is None
+    assert first_refusal(c, spelled) is not None
 
 
-def test_a_wide_mask_obeys_the_time_budget(smollm2_vocab):
+def test_free_text_is_unfiltered_and_pair_tests_obey_the_time_budget(smollm2_vocab):
+    """Where the spec allows more than FILTER_MAX tokens, the mask is the spec's own (nothing
+    encoded); a large batch of pair tests stops at the constraint's deadline."""
+    from tether.constraints.canonical import FILTER_MAX
+
     schema = {"type": "object", "properties": {"bio": {"type": "string"}}, "required": ["bio"]}
     c = compile_constraint(Canonical(schema), smollm2_vocab)
-    state = c.start()
+    plain = compile_constraint(schema, smollm2_vocab)
+    state, plain_state = c.start(), plain.start()
     for t in smollm2_vocab.hf.encode('{"bio": "An unusual', add_special_tokens=False):
-        state = c.advance(state, t)
+        state, plain_state = c.advance(state, t), plain.advance(plain_state, t)
+    wide = plain.mask(plain_state)
+    assert wide.sum() > FILTER_MAX and np.array_equal(c.mask(state), wide)
+    fresh = np.flatnonzero(wide)[-20_000:]
     with pytest.raises(budget.BudgetExceeded):
-        with budget.deadline(0.001):
-            c.mask(state)  # tests tens of thousands of pairs: far past a millisecond
+        with budget.deadline(0.001):  # 20,000 encodings: far past a millisecond
+            c.bigrams.allowed(state.previous, fresh)
 
 
 def test_spec_round_trip():

@@ -201,3 +201,17 @@ def test_weights_option():
     with pytest.raises(RequestError, match="tether_weights") as e:
         Options().override({"tether_weights": "bogus"})
     assert e.value.parameter == "tether_weights"
+
+
+def test_canonical_option():
+    from tether.constraints import normalize
+
+    plan = policy.plan(params(extra_args={"tether_canonical": 1}), TOKENS, AWRS, Limits(), None)
+    assert plan.options.canonical and normalize(plan.spec).canonical  # JSON true arrives as 1
+    plan = policy.plan(params(extra_args={"tether_canonical": False}), TOKENS,
+                       Options(sampler="awrs", canonical=True), Limits(), None)
+    assert not plan.options.canonical and not normalize(plan.spec).canonical
+    for bad in ("yes", 2):
+        with pytest.raises(RequestError, match="tether_canonical") as e:
+            Options().override({"tether_canonical": bad})
+        assert e.value.parameter == "tether_canonical"

@@ -73,6 +73,29 @@ def test_regex_and_grammar_through_extra_body(client):
     assert r.choices[0].message.content in ("red", "green", "blue")
 
 
+def test_canonical_spelling_over_http(client, smollm2_vocab):
+    """vllm_xargs tether_canonical: the output is spelled with the tokenizer's own encoding.
+    A logit bias makes "g" nearly certain wherever it is allowed: without the filter the
+    output starts with it, more tokens than the text's own encoding; with it, "g" is refused
+    (no canonical spelling of "green" or "greenish" starts with it)."""
+    g = smollm2_vocab.hf.encode("g", add_special_tokens=False)
+    assert len(g) == 1
+
+    def run(canonical):
+        r = chat(client, "Name a colour.", max_tokens=8, seed=6, logit_bias={str(g[0]): 100},
+                 extra_body={"structured_outputs": {"choice": ["green", "greenish"]},
+                             "vllm_xargs": {"tether_canonical": canonical}})
+        text = r.choices[0].message.content
+        assert text in ("green", "greenish")
+        own = len(smollm2_vocab.hf.encode(text, add_special_tokens=False)) + 1  # and EOS
+        return r.model_extra["tether"]["stats"]["tokens"], own
+
+    tokens, own = run(False)
+    assert tokens > own
+    tokens, own = run(True)
+    assert tokens == own
+
+
 def test_n_choices_are_posterior_draws(client):
     r = chat(client, "Is water wet? Answer as JSON.", max_tokens=16, n=3, seed=3,
              response_format={"type": "json_schema",
@@ -128,6 +151,8 @@ def _nested(levels: int) -> dict:
     (dict(response_format={"type": "json_object"}, logprobs=True, top_logprobs=2), 400,
      "logprobs"),
     (dict(response_format={"type": "json_object"}, stop=["}"]), 400, "stop"),
+    (dict(response_format={"type": "json_object"}, vllm_xargs={"tether_canonical": "yes"}),
+     400, "tether_canonical"),
 ])
 def test_bad_requests_get_400_naming_the_problem(server, client, body, status, needle):
     code, text = post(server, "/v1/chat/completions", dict(

@@ -40,6 +40,17 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _read_constraint(args: argparse.Namespace):
+    from tether import Canonical
+
+    spec = _read_spec(args)
+    if args.canonical:
+        if spec is None:
+            raise ValueError("--canonical needs a constraint (--schema, --regex or --grammar)")
+        return Canonical(spec)
+    return spec
+
+
+def _read_spec(args: argparse.Namespace):
     from tether import Grammar, Regex
 
     if args.schema:
@@ -231,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--weights", choices=["auto", "exact", "estimate"], default="auto",
                        help="step weights: the exact allowed mass (needs a cheap mask: "
                        "schemas, regular expressions, grammars), AWRS's estimate, or auto")
+    p_gen.add_argument("--canonical", action="store_true",
+                       help="spell the output only with the tokenizer's own encodings where the "
+                       "constraint fixes the spelling (choices, enums, keys): the model's own "
+                       "way of writing it, and no particles spent on other spellings")
     p_gen.add_argument("-n", type=int, default=1,
                        help="number of outputs (with --particles: posterior draws of one run)")
     p_gen.add_argument("--particles", type=int, default=1,

@@ -10,15 +10,23 @@ target: importance weights put those particles right, but they are spent.
 
 ``Canonical(spec)`` restricts the output to token sequences y whose first token is its own
 encoding, encode(text(y_1)) == [y_1], and whose every adjacent pair is the encoding of its
-text, encode(text(y_t) + text(y_t+1)) == [y_t, y_t+1] (``Bigrams``). For BPE, canonicality of
-a whole sequence comes down to such pairs (Vieira et al., 2025); a pre-tokenizer can make it
-depend on wider context, so the filter is a close approximation of canonicality, and the target
-is exactly the model restricted to what the filter accepts:
+text, encode(text(y_t) + text(y_t+1)) == [y_t, y_t+1] (``Bigrams``), at every step where the
+spec constrains the spelling: where it allows at most ``FILTER_MAX`` tokens (choices, enums,
+keys, numbers, short patterns). Where it allows more (free text in a JSON string), the proposal
+is close to the model itself, which spells canonically on its own; testing every allowed token
+there would cost a batch of tens of thousands of encodings per step, so those steps are left
+unfiltered. Specs without a cheap mask (partial matching, predicates) are filtered at every
+step, on the tokens they check. For BPE, canonicality of a whole sequence comes down to its
+pairs (Vieira et al., 2025); a pre-tokenizer can make it depend on wider context, so the filter
+is a close approximation of canonicality, and the target is exactly the model restricted to
+what the filter accepts:
 
-    pi(y) proportional to p(y | prompt) * [spec accepts y] * [every pair of y is canonical].
+    pi(y) proportional to p(y | prompt) * [spec accepts y] * [y passes the filter].
 
 Enumerating it (``base.enumerate_outputs`` on the canonical constraint) gives that target
-exactly. A pair whose bytes are not valid UTF-8 cannot be encoded as text; it is accepted.
+exactly: whether a step is filtered depends on the spec's state only (a count of allowed
+tokens), never on timing or caches. A pair whose bytes are not valid UTF-8 cannot be encoded
+as text; it is accepted.
 
 Dead ends. After "r" (for ``Choice(["red", "blue"])``) every allowed continuation makes a
 non-canonical pair: the particle would die a step later. Where the spec allows few tokens
@@ -31,10 +39,9 @@ the proposal spends its particles; dead ends the lookahead cannot prove are left
 (weight 0). The lookahead needs the spec's mask after each allowed token, so it runs only for
 specs with a cheap mask (llguidance).
 
-Cost. A pair test is one encoding (about 7 us in a batch, 20 us alone), cached per pair; a
-full mask tests the spec's allowed tokens after the previous one in one batch (0.35 s for all
-49,152 tokens of SmolLM2 after one token; usually far fewer are allowed), cached per previous
-token (``ROW_CACHE`` of them).
+Cost. A pair test is one encoding (about 7 us in a batch, 20 us alone), cached per previous
+token (``ROW_CACHE`` of them); a filtered mask tests at most ``FILTER_MAX`` tokens in one
+batch, and counting a state's allowed tokens takes the spec's own mask.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from tether.constraints import budget
 from tether.constraints.base import Constraint
 from tether.errors import ConstraintError
 
+FILTER_MAX = 1024  # pairs are tested where the spec allows at most this many tokens
 LOOKAHEAD_MAX = 256  # dead ends are looked for where the spec allows at most this many tokens
 LOOKAHEAD_DEPTH = 4  # ... this many tokens ahead
 LOOKAHEAD_VISITS = 4096  # ... looking at most at this many tokens per state
@@ -159,8 +167,8 @@ def bigrams_for(vocab: Any) -> Bigrams:
 class CanonicalState(NamedTuple):
     inner: Any  # the spec's own state
     previous: int | None  # the last output token (None: nothing generated yet)
-    memo: dict  # per state: its mask once computed where the lookahead runs, and whether
-    # it runs ("wide": it does not)
+    memo: dict  # what was found out about this state: "allowed" (the spec's allowed count),
+    # "mask" (its canonical mask, kept where the lookahead ran)
 
 
 class CanonicalConstraint(Constraint):
@@ -191,6 +199,23 @@ class CanonicalConstraint(Constraint):
     def parse(self, text: str) -> Any:
         return self.inner.parse(text)
 
+    # -- where the filter applies ----------------------------------------------------------
+    def _allowed_count(self, state: CanonicalState) -> int | None:
+        """How many tokens the spec allows at ``state`` (None: its mask is not cheap)."""
+        if not self.cheap_mask:
+            return None
+        if "allowed" not in state.memo:
+            state.memo["allowed"] = int(self.inner.mask(state.inner).sum())
+        return state.memo["allowed"]
+
+    def _filters(self, state: CanonicalState) -> bool:
+        count = self._allowed_count(state)
+        return count is None or count <= FILTER_MAX
+
+    def _looks_ahead(self, state: CanonicalState) -> bool:
+        count = self._allowed_count(state)
+        return count is not None and count <= LOOKAHEAD_MAX
+
     def _pairs(self, previous: int | None, tokens: np.ndarray) -> np.ndarray:
         """``bigrams.allowed`` for plain tokens; special tokens (EOS) pass."""
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -201,18 +226,14 @@ class CanonicalConstraint(Constraint):
             ok[plain] = self.bigrams.allowed(previous, tokens[plain])
         return ok
 
-    def _looks_ahead(self, inner_mask: np.ndarray) -> bool:
-        """Whether dead ends are refused at a state whose spec allows ``inner_mask``."""
-        return self.cheap_mask and int(inner_mask.sum()) <= LOOKAHEAD_MAX
-
     def _continues(self, state: CanonicalState, token: int, depth: int,
                    visits: list[int]) -> bool:
         """Whether some accepted output goes on through ``token`` after ``state``: it may end
-        after it, or some token makes a canonical pair with it and, looking ``depth`` tokens
-        further where the spec stays narrow, continues in turn. Past ``LOOKAHEAD_VISITS``
-        tokens looked at (``visits``), or where the spec allows many tokens, a token with a
-        canonical pair after it counts as continuing: the lookahead refuses only what it
-        proves to be a dead end."""
+        after it, or the state after it is wide (no filter there), or some token makes a
+        canonical pair with it and, looking ``depth`` tokens further while the spec stays
+        narrow, continues in turn. Past ``LOOKAHEAD_VISITS`` tokens looked at (``visits``), a
+        token with a canonical pair after it counts as continuing: the lookahead refuses only
+        what it proves to be a dead end."""
         if self.is_eos(token):
             return True
         after = self.inner.advance(state.inner, token, check=False)
@@ -220,8 +241,8 @@ class CanonicalConstraint(Constraint):
             return True
         nxt = np.flatnonzero(self.inner.mask(after))
         plain = nxt[[self.vocab.token_bytes[t] is not None for t in nxt.tolist()]]
-        if len(plain) < len(nxt):  # a special token the spec names (structural tags)
-            return True
+        if len(nxt) > FILTER_MAX or len(plain) < len(nxt):  # unfiltered, or a special token
+            return len(nxt) > 0  # the spec names (structural tags)
         if depth == 0 or len(nxt) > LOOKAHEAD_MAX:
             return self.bigrams.any_allowed(token, plain)
         following = CanonicalState(after, token, {})
@@ -231,14 +252,17 @@ class CanonicalConstraint(Constraint):
                 return True
         return False
 
+    # -- the protocol -------------------------------------------------------------------------
     def mask(self, state: CanonicalState) -> np.ndarray:
         if "mask" in state.memo:
             return state.memo["mask"].copy()
-        inner_mask = self.inner.mask(state.inner)
-        mask = inner_mask.copy()
+        mask = self.inner.mask(state.inner)
+        state.memo.setdefault("allowed", int(mask.sum()))
+        if not self._filters(state):
+            return mask
         allowed = np.flatnonzero(mask)
         mask[allowed] = self._pairs(state.previous, allowed)
-        if self._looks_ahead(inner_mask):
+        if self._looks_ahead(state):
             visits = [0]
             for t in np.flatnonzero(mask).tolist():
                 mask[t] = self._continues(state, t, LOOKAHEAD_DEPTH, visits)
@@ -250,9 +274,8 @@ class CanonicalConstraint(Constraint):
             return bool(state.memo["mask"][token_id])
         if not self.inner.allows(state.inner, token_id):
             return False
+        if not self._filters(state):
+            return True
         if not self._pairs(state.previous, np.array([token_id]))[0]:
             return False
-        if "wide" not in state.memo:  # whether the lookahead runs at this state
-            state.memo["wide"] = not self._looks_ahead(self.inner.mask(state.inner)) \
-                if self.cheap_mask else True
-        return state.memo["wide"] or bool(self.mask(state)[token_id])
+        return not self._looks_ahead(state) or bool(self.mask(state)[token_id])

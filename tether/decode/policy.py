@@ -3,9 +3,9 @@ which limits, and what is refused (an HTTP 400 naming the parameter).
 
 Options. ``Options`` is one pydantic model for the server's defaults (``--sampler``,
 ``--particles``, ``--ess-threshold``, ``--awrs-max-rejections``, ``--awrs-weights``,
-validated at start-up) and a request's overrides (``vllm_xargs`` keys ``tether_sampler``,
+``--awrs-canonical``, validated at start-up) and a request's overrides (``vllm_xargs`` keys ``tether_sampler``,
 ``tether_particles``, ``tether_ess_threshold``, ``tether_max_rejections``,
-``tether_weights``, validated per request, strictly typed).
+``tether_weights``, ``tether_canonical``, validated per request, strictly typed).
 ``Limits`` holds what only the operator sets (``--max-particles``, ``--constraint-budget``).
 
 Which requests. With the ``awrs`` sampler, a request whose sampling parameters carry a
@@ -41,7 +41,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from tether.decode.processor import DEFAULT_BUDGET_S, DEFAULT_MAX_REJECTIONS
 from tether.errors import ConstraintError
@@ -72,6 +73,13 @@ class Options(BaseModel):
     ess_threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
     max_rejections: int = Field(DEFAULT_MAX_REJECTIONS, ge=0, le=1 << 20)
     weights: Literal["auto", "exact", "estimate"] = "auto"
+    canonical: bool = False  # tether.Canonical around the request's constraint
+
+    @field_validator("canonical", mode="before")
+    @classmethod
+    def _flag(cls, value: Any) -> Any:
+        # vLLM's vllm_xargs turns a JSON true/false into 1/0
+        return bool(value) if type(value) is int and value in (0, 1) else value
 
     def override(self, xargs: dict[str, Any]) -> "Options":
         """These options with a request's ``tether_*`` overrides (``RequestError`` naming the
@@ -176,7 +184,12 @@ def plan(params: Any, prompt: Any, defaults: Options, limits: Limits,
         scope.reserve(particles)
     if "tether_tca" in xargs:
         extra["tether_tca"] = xargs["tether_tca"]
-    return Plan(spec_from_structured_outputs(so), options, particles, extra)
+    spec = spec_from_structured_outputs(so)
+    if options.canonical:
+        from tether import Canonical
+
+        spec = Canonical(spec)
+    return Plan(spec, options, particles, extra)
 
 
 def check_tools(body: Any, defaults: Options) -> None:

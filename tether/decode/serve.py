@@ -30,7 +30,9 @@ complete particle) are sent as null.
 
 Per-request overrides travel in ``vllm_xargs``: ``tether_sampler`` ("awrs" or "default"),
 ``tether_particles``, ``tether_ess_threshold``, ``tether_max_rejections`` (0: unbounded),
-``tether_weights`` ("auto", "exact", "estimate"), ``tether_pre_align`` (false: opt out).
+``tether_weights`` ("auto", "exact", "estimate"), ``tether_canonical`` (true: outputs spelled
+with the tokenizer's own encodings, ``tether.Canonical``), ``tether_pre_align`` (false: opt
+out).
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ def build_parser():
                        help="SMC step weights: exact (the allowed mass, from the constraint's "
                        "full mask), estimate (AWRS's unbiased estimator), auto (exact where "
                        "the mask is cheap: llguidance; the default)")
+    group.add_argument("--awrs-canonical", action="store_true",
+                       help="spell constrained outputs only with the tokenizer's own encodings "
+                       "where the constraint fixes the spelling (choices, enums, keys; "
+                       "tether.Canonical); a request chooses with vllm_xargs "
+                       "{\"tether_canonical\": true|false}")
     group.add_argument("--max-particles", type=int, default=DEFAULT_MAX_PARTICLES,
                        help="the most particles (and n) one request may ask for; more is "
                        "answered with 400")
@@ -109,6 +116,7 @@ _FLAGS = {("options", "sampler"): "--sampler", ("options", "particles"): "--part
           ("options", "ess_threshold"): "--ess-threshold",
           ("options", "max_rejections"): "--awrs-max-rejections",
           ("options", "weights"): "--awrs-weights",
+          ("options", "canonical"): "--awrs-canonical",
           ("limits", "max_particles"): "--max-particles",
           ("limits", "constraint_budget"): "--constraint-budget"}
 
@@ -125,7 +133,7 @@ def server_settings(args: Any, parser: Any) -> Any:
             options=Options(sampler=args.sampler, particles=args.particles,
                             ess_threshold=args.ess_threshold,
                             max_rejections=args.awrs_max_rejections,
-                            weights=args.awrs_weights),
+                            weights=args.awrs_weights, canonical=args.awrs_canonical),
             limits=Limits(max_particles=args.max_particles,
                           constraint_budget=args.constraint_budget))
     except ValidationError as e:
