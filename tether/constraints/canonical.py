@@ -8,18 +8,20 @@ starts with r, though the model almost never spells "red" as "r" + "ed". In
 ``bench/smc_fidelity.py`` (colours) such spellings take 54% of AWRS's proposal and 0.05% of the
 target: importance weights put those particles right, but they are spent.
 
-``Canonical(spec)`` restricts the output to token sequences y whose first token is its own
-encoding, encode(text(y_1)) == [y_1], and whose every adjacent pair is the encoding of its
-text, encode(text(y_t) + text(y_t+1)) == [y_t, y_t+1] (``Bigrams``), at every step where the
-spec constrains the spelling: where it allows at most ``FILTER_MAX`` tokens (choices, enums,
-keys, numbers, short patterns). Where it allows more (free text in a JSON string), the proposal
-is close to the model itself, which spells canonically on its own; testing every allowed token
-there would cost a batch of tens of thousands of encodings per step, so those steps are left
-unfiltered. Specs without a cheap mask (partial matching, predicates) are filtered at every
-step, on the tokens they check. For BPE, canonicality of a whole sequence comes down to its
-pairs (Vieira et al., 2025); a pre-tokenizer can make it depend on wider context, so the filter
-is a close approximation of canonicality, and the target is exactly the model restricted to
-what the filter accepts:
+``Canonical(spec)`` filters the tokens the spec allows at every step where the spec
+constrains the spelling: where it allows at most ``FILTER_MAX`` tokens (choices, enums, keys,
+punctuation between values, short patterns). There a token t is kept when, with the previous
+token a, text(a) + text(t) is encoded as [a, t] by the tokenizer (``Bigrams``), or, where no
+previous token was chosen by the filter (the first token, or one after an unfiltered step),
+when text(t) alone is encoded as [t]. Where the spec allows more tokens (free text in a JSON
+string), the proposal is close to the model itself, which spells canonically on its own;
+testing every allowed token there would cost tens of thousands of encodings per step, so those
+steps are left unfiltered, and the token after them is not tested against them (a pair
+across that boundary could leave no allowed continuation). Specs without a cheap mask
+(partial matching, predicates) are filtered at every step, on the tokens they check. For
+BPE, canonicality of a whole sequence comes down to its pairs (Vieira et al., 2025); a
+pre-tokenizer can make it depend on wider context, so the filter approximates canonicality,
+and the target is exactly the model restricted to what the filter accepts:
 
     pi(y) proportional to p(y | prompt) * [spec accepts y] * [y passes the filter].
 
@@ -29,19 +31,20 @@ tokens), never on timing or caches. A pair whose bytes are not valid UTF-8 canno
 as text; it is accepted.
 
 Dead ends. After "r" (for ``Choice(["red", "blue"])``) every allowed continuation makes a
-non-canonical pair: the particle would die a step later. Where the spec allows few tokens
-(at most ``LOOKAHEAD_MAX``: choices, enums, literal keys, where such dead ends are), a token is
-also refused when no accepted output continues through it, looking up to ``LOOKAHEAD_DEPTH``
-tokens ahead while the spec stays that narrow (and at most ``LOOKAHEAD_VISITS`` tokens per
-state: a count, so the answer never depends on the machine's speed). Refusing a dead end
-changes no output's probability under pi (no accepted output passes through it), only where
-the proposal spends its particles; dead ends the lookahead cannot prove are left to die
-(weight 0). The lookahead needs the spec's mask after each allowed token, so it runs only for
-specs with a cheap mask (llguidance).
+non-canonical pair: the particle would die a step later. At a filtered step a token is also
+refused when no accepted output continues through it, looking up to ``LOOKAHEAD_DEPTH``
+tokens ahead while the spec stays narrow (and at most ``LOOKAHEAD_VISITS`` tokens per state: a
+count, so the answer never depends on the machine's speed); a filtered step is therefore
+never left without a token by the step before it. Refusing a dead end changes no output's
+probability under pi (no accepted output passes through it), only where the proposal spends
+its particles; dead ends the lookahead cannot prove are left to die (weight 0). The lookahead
+needs the spec's mask after each allowed token, so it runs only for specs with a cheap mask
+(llguidance).
 
 Cost. A pair test is one encoding (about 7 us in a batch, 20 us alone), cached per previous
-token (``ROW_CACHE`` of them); a filtered mask tests at most ``FILTER_MAX`` tokens in one
-batch, and counting a state's allowed tokens takes the spec's own mask.
+token (``ROW_CACHE`` of them); a filtered step tests at most ``FILTER_MAX`` tokens in one
+batch, plus the lookahead's spec masks; counting a state's allowed tokens takes the spec's own
+mask.
 """
 
 from __future__ import annotations
@@ -56,10 +59,9 @@ from tether.constraints import budget
 from tether.constraints.base import Constraint
 from tether.errors import ConstraintError
 
-FILTER_MAX = 1024  # pairs are tested where the spec allows at most this many tokens
-LOOKAHEAD_MAX = 256  # dead ends are looked for where the spec allows at most this many tokens
-LOOKAHEAD_DEPTH = 4  # ... this many tokens ahead
-LOOKAHEAD_VISITS = 4096  # ... looking at most at this many tokens per state
+FILTER_MAX = 64  # the filter runs where the spec allows at most this many tokens
+LOOKAHEAD_DEPTH = 3  # dead ends are looked for this many tokens ahead
+LOOKAHEAD_VISITS = 256  # ... looking at most at this many tokens per state
 ROW_CACHE = 256  # previous tokens whose pair results are kept (a row of int8 per vocab entry)
 ROUND_TRIP_SAMPLE = 2000  # tokens checked to encode to themselves before the filter is used
 CHUNK = 4096  # pairs encoded per batch (and per check of the time budget)
@@ -166,7 +168,8 @@ def bigrams_for(vocab: Any) -> Bigrams:
 
 class CanonicalState(NamedTuple):
     inner: Any  # the spec's own state
-    previous: int | None  # the last output token (None: nothing generated yet)
+    previous: int | None  # the last output token, where the filter chose it (None: nothing
+    # generated yet, or the last token was chosen where the filter does not run)
     memo: dict  # what was found out about this state: "allowed" (the spec's allowed count),
     # "mask" (its canonical mask, kept where the lookahead ran)
 
@@ -188,7 +191,9 @@ class CanonicalConstraint(Constraint):
     def advance(self, state: CanonicalState, token_id: int, check: bool = True):
         if check and not self.allows(state, token_id):
             raise ValueError(f"token {token_id} is not allowed here (canonical tokenization)")
-        return CanonicalState(self.inner.advance(state.inner, token_id, check=False), token_id, {})
+        previous = token_id if self._filters(state) else None
+        return CanonicalState(self.inner.advance(state.inner, token_id, check=False), previous,
+                              {})
 
     def is_complete(self, state: CanonicalState) -> bool:
         return self.inner.is_complete(state.inner)
@@ -212,15 +217,10 @@ class CanonicalConstraint(Constraint):
         count = self._allowed_count(state)
         return count is None or count <= FILTER_MAX
 
-    def _looks_ahead(self, state: CanonicalState) -> bool:
-        count = self._allowed_count(state)
-        return count is not None and count <= LOOKAHEAD_MAX
-
     def _pairs(self, previous: int | None, tokens: np.ndarray) -> np.ndarray:
         """``bigrams.allowed`` for plain tokens; special tokens (EOS) pass."""
         tokens = np.asarray(tokens, dtype=np.int64)
-        plain = np.array([self.vocab.token_bytes[t] is not None for t in tokens.tolist()],
-                         dtype=bool)
+        plain = ~self.vocab.special[tokens]
         ok = np.ones(len(tokens), dtype=bool)
         if plain.any():
             ok[plain] = self.bigrams.allowed(previous, tokens[plain])
@@ -240,10 +240,12 @@ class CanonicalConstraint(Constraint):
         if self.inner.is_complete(after):
             return True
         nxt = np.flatnonzero(self.inner.mask(after))
-        plain = nxt[[self.vocab.token_bytes[t] is not None for t in nxt.tolist()]]
-        if len(nxt) > FILTER_MAX or len(plain) < len(nxt):  # unfiltered, or a special token
-            return len(nxt) > 0  # the spec names (structural tags)
-        if depth == 0 or len(nxt) > LOOKAHEAD_MAX:
+        if len(nxt) > FILTER_MAX:  # unfiltered there
+            return True
+        plain = nxt[~self.vocab.special[nxt]]
+        if len(plain) < len(nxt):  # a special token the spec names (structural tags)
+            return True
+        if depth == 0:
             return self.bigrams.any_allowed(token, plain)
         following = CanonicalState(after, token, {})
         for u in plain[self.bigrams.allowed(token, plain)].tolist():
@@ -262,11 +264,11 @@ class CanonicalConstraint(Constraint):
             return mask
         allowed = np.flatnonzero(mask)
         mask[allowed] = self._pairs(state.previous, allowed)
-        if self._looks_ahead(state):
+        if self.cheap_mask:  # the lookahead needs the spec's masks ahead
             visits = [0]
             for t in np.flatnonzero(mask).tolist():
                 mask[t] = self._continues(state, t, LOOKAHEAD_DEPTH, visits)
-            state.memo["mask"] = mask.copy()
+        state.memo["mask"] = mask.copy()
         return mask
 
     def allows(self, state: CanonicalState, token_id: int) -> bool:
@@ -278,4 +280,4 @@ class CanonicalConstraint(Constraint):
             return True
         if not self._pairs(state.previous, np.array([token_id]))[0]:
             return False
-        return not self._looks_ahead(state) or bool(self.mask(state)[token_id])
+        return not self.cheap_mask or bool(self.mask(state)[token_id])
