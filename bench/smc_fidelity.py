@@ -422,6 +422,10 @@ def markdown(table: dict, throughput: dict, ns: list[int]) -> str:
             else:
                 cells = [f"{per_n[n]['tv']:.3f} ± {per_n[n]['tv_se']:.3f} "
                          f"({per_n[n]['floor_ratio']:.2f}x)" for n in ns]
+                if method in CANONICAL:  # also against pi itself and its floor
+                    cells = [f"{c}; vs pi {per_n[n]['tv_pi']:.3f} "
+                             f"({per_n[n]['tv_pi'] / rows['iid-floor'][n]['tv']:.2f}x)"
+                             for c, n in zip(cells, ns)]
             lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Cells: mean TV ± standard error (ratio to the i.i.d. floor at the same N). "
@@ -430,7 +434,8 @@ def markdown(table: dict, throughput: dict, ns: list[int]) -> str:
                  "canonical-: the same floors over the sequences tether.Canonical accepts "
                  "(the proposal's allowed tokens after a prefix: those that continue to one), "
                  "against pi over them; awrs-smc-canonical (SMC with tether.Canonical) is "
-                 "scored against that pi and its floor.")
+                 "scored against that pi and its floor, and against pi itself (vs pi) and "
+                 "the i.i.d. floor.")
     if not throughput:
         return "\n".join(lines)
     ratio = throughput["8"] / throughput["1"]
