@@ -223,6 +223,8 @@ class TetherEngineClient:
                 text = text[len(sent_text):] if text.startswith(sent_text) else ""
                 tokens = tokens[sent_tokens:]
             outputs.append((text, tokens, p.finish_reason))
+        if any(finish == "error" for _, _, finish in outputs):
+            raise _failed(population.failure)
         if scope is not None:  # the middleware sends it (a stream: in a chunk of its own)
             scope.fields[request_id] = tether_field(population, picks)
         yield _output(request_id, prompt_ids, outputs, finished=True)
@@ -328,6 +330,19 @@ class TetherEngineClient:
             final = out
         completion = final.outputs[0]
         return outcome(completion.finish_reason, completion.text)
+
+
+def _failed(failure: dict | None) -> Exception:
+    """The 400 for a request whose constraint failed mid-generation (a grammar engine that
+    refused to go on, a check that raised). vLLM answers a choice that finished with "error"
+    by a bare 500 "Internal server error"; the client gets the failure's first line instead,
+    and the other requests go on."""
+    from vllm.exceptions import VLLMValidationError
+
+    failure = failure or {}
+    message = str(failure.get("message", "unknown failure")).split("\n")[0][:1000]
+    return VLLMValidationError(f"the constraint failed at step {failure.get('step')}: "
+                               f"{message}")
 
 
 def tether_field(population: Population, picks: list[int]) -> dict:
