@@ -341,8 +341,7 @@ def _failed(failure: dict | None) -> Exception:
 
     failure = failure or {}
     message = str(failure.get("message", "unknown failure")).split("\n")[0][:1000]
-    return VLLMValidationError(f"the constraint failed at step {failure.get('step')}: "
-                               f"{message}")
+    return VLLMValidationError(f"the constraint failed (step {failure.get('step')}): {message}")
 
 
 def tether_field(population: Population, picks: list[int]) -> dict:
