@@ -47,7 +47,7 @@ from tether.samplers.awrs import check_weights
 from tether.decode.records import count_async, prepare_async
 from tether.decode.results import Population, assemble
 from tether.decode.smc import SMCDriver, SMCSettings, run_async
-from tether.errors import ConstraintError
+from tether.errors import ConstraintError, TetherError
 
 log = logging.getLogger("tether.serve")
 
@@ -149,9 +149,16 @@ class TetherEngineClient:
                                                    **kwargs):
                 yield out
             return
-        async for out in self.decode(prompt["prompt_token_ids"], sampling_params, request_id,
-                                     plan, constraint, kwargs, scope):
-            yield out
+        try:
+            async for out in self.decode(prompt["prompt_token_ids"], sampling_params,
+                                         request_id, plan, constraint, kwargs, scope):
+                yield out
+        except ConstraintFailed as e:
+            # vLLM would answer a choice finished with "error" by a bare 500 "Internal server
+            # error"; the client gets the failure instead (in a stream: vLLM's error event)
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(str(e)) from None
 
     async def _compile(self, spec: Any) -> Any:
         """Compile ``spec`` here (a bad one raises ``ConstraintError``), then in every engine,
@@ -174,7 +181,8 @@ class TetherEngineClient:
                      plan: policy.Plan, constraint: Any, kwargs: dict,
                      scope: RequestScope | None) -> AsyncGenerator[Any, None]:
         """Run one constrained request (``plan``) and yield vLLM ``RequestOutput``s: deltas
-        while one particle streams, then the final output."""
+        while one particle streams, then the final output; ``ConstraintFailed`` in its place
+        when the constraint failed (finish reason "error")."""
         from vllm.sampling_params import RequestOutputKind
 
         options = plan.options
@@ -224,7 +232,7 @@ class TetherEngineClient:
                 tokens = tokens[sent_tokens:]
             outputs.append((text, tokens, p.finish_reason))
         if any(finish == "error" for _, _, finish in outputs):
-            raise _failed(population.failure)
+            raise ConstraintFailed(population.failure)
         if scope is not None:  # the middleware sends it (a stream: in a chunk of its own)
             scope.fields[request_id] = tether_field(population, picks)
         yield _output(request_id, prompt_ids, outputs, finished=True)
@@ -325,23 +333,26 @@ class TetherEngineClient:
         params.output_kind = RequestOutputKind.FINAL_ONLY
         plan = policy.Plan(job.grammar, self.settings.options, 1, {})
         final = None
-        async for out in self.decode(job.prompt_ids, params, f"prealign-{uuid.uuid4().hex}",
-                                     plan, constraint, {}, None):
-            final = out
+        try:
+            async for out in self.decode(job.prompt_ids, params,
+                                         f"prealign-{uuid.uuid4().hex}", plan, constraint, {},
+                                         None):
+                final = out
+        except ConstraintFailed as e:
+            return None, str(e)
         completion = final.outputs[0]
         return outcome(completion.finish_reason, completion.text)
 
 
-def _failed(failure: dict | None) -> Exception:
-    """The 400 for a request whose constraint failed mid-generation (a grammar engine that
-    refused to go on, a check that raised). vLLM answers a choice that finished with "error"
-    by a bare 500 "Internal server error"; the client gets the failure's first line instead,
-    and the other requests go on."""
-    from vllm.exceptions import VLLMValidationError
+class ConstraintFailed(TetherError):
+    """A request's constraint failed mid-generation (a grammar engine that refused to go on,
+    a check that raised, a lost record): ``failure`` is the population's (reason, message,
+    step); the message keeps its first line."""
 
-    failure = failure or {}
-    message = str(failure.get("message", "unknown failure")).split("\n")[0][:1000]
-    return VLLMValidationError(f"the constraint failed (step {failure.get('step')}): {message}")
+    def __init__(self, failure: dict):
+        message = str(failure["message"]).split("\n")[0]
+        super().__init__(f"the constraint failed (step {failure['step']}): {message}")
+        self.failure = failure
 
 
 def tether_field(population: Population, picks: list[int]) -> dict:
